@@ -1,0 +1,161 @@
+"""structlog, set up once: JSON by default, console on request, stdlib routed through it.
+
+Event names are stable and dotted (``hydration.done``, ``delivery.failed``); context
+(``request_id``, ``brand``, ``order_id``, ``job_id``, ``attempt``) is bound with
+``structlog.contextvars`` per unit of work, so one order's story is one filter away.
+
+The :class:`Redactor` is the last processor before rendering: any known secret value
+(client secrets, webhook secrets, admin token, sink secrets, Clopos tokens seen at
+runtime) is replaced wherever it appears, and values of secret-looking keys are masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+import structlog
+
+MASK = "[REDACTED]"
+_SECRET_KEYS = re.compile(
+    r"(secret|token|password|passwd|authorization|signature|api[_-]?key|cookie)", re.I
+)
+# A JWT anywhere in a string (Clopos tokens are JWTs): header.payload.signature.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{5,}")
+# Standard Webhooks secrets and signatures.
+_WHSEC = re.compile(r"whsec_[A-Za-z0-9+/=]+")
+_V1SIG = re.compile(r"v1,[A-Za-z0-9+/=]{20,}")
+# ?token=... in a logged URL (the inbound webhook accepts the secret as a query parameter).
+_QUERY_TOKEN = re.compile(r"([?&](?:token|x-token|secret)=)[^&\s\"']+", re.I)
+
+
+class Redactor:
+    """A structlog processor that removes secrets from every event."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: tuple[str, ...] = ()
+
+    def add(self, *values: str | None) -> None:
+        """Register secret values (only ones long enough to be unambiguous)."""
+        with self._lock:
+            known = set(self._values)
+            known.update(v for v in values if v and len(v) >= 6)
+            # Longest first so a secret containing another is masked whole.
+            self._values = tuple(sorted(known, key=len, reverse=True))
+
+    def scrub(self, text: str) -> str:
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, MASK)
+        text = _JWT.sub(MASK, text)
+        text = _WHSEC.sub(MASK, text)
+        text = _V1SIG.sub(MASK, text)
+        return _QUERY_TOKEN.sub(lambda m: m.group(1) + MASK, text)
+
+    def _clean(self, key: str | None, value: Any, depth: int = 0) -> Any:
+        secret_key = key is not None and _SECRET_KEYS.search(key) is not None
+        if secret_key and value not in (None, "") and not isinstance(value, bool | int | float):
+            return MASK
+        if isinstance(value, str):
+            return self.scrub(value)
+        if depth > 8:
+            return value
+        if isinstance(value, dict):
+            return {k: self._clean(str(k), v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._clean(None, v, depth + 1) for v in value]
+        if isinstance(value, BaseException):
+            return self.scrub(f"{type(value).__name__}: {value}")
+        return value
+
+    def __call__(
+        self, logger: Any, method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key in list(event_dict.keys()):
+            if key in ("exc_info", "stack_info"):
+                continue
+            event_dict[key] = self._clean(None if key == "event" else key, event_dict[key])
+        return event_dict
+
+
+class _ScrubRenderedTraceback:
+    """Tracebacks are rendered into ``exception``; scrub that string too."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        self._redactor = redactor
+
+    def __call__(
+        self, logger: Any, method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key in ("exception", "stack"):
+            value = event_dict.get(key)
+            if isinstance(value, str):
+                event_dict[key] = self._redactor.scrub(value)
+        return event_dict
+
+
+REDACTOR = Redactor()
+"""Process-wide: secrets are process-wide too, and stdlib logging is global anyway."""
+
+
+def configure_logging(
+    *, fmt: str = "json", level: str = "info", secrets: Iterable[str] = (), stream: Any = None
+) -> None:
+    """Configure structlog and the stdlib root logger (uvicorn's logs included)."""
+    REDACTOR.add(*secrets)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        REDACTOR,
+    ]
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        tail: list[Any] = []
+    else:
+        renderer = structlog.processors.JSONRenderer()
+        tail = [structlog.processors.format_exc_info, _ScrubRenderedTraceback(REDACTOR)]
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *tail,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lib = logging.getLogger(name)
+        lib.handlers[:] = []
+        lib.propagate = True
+    # We write our own access line (with request_id); uvicorn's would be a duplicate.
+    logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every request URL at INFO; ours are logged with context instead.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
+    return logger

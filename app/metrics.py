@@ -1,0 +1,205 @@
+"""Prometheus metrics: one registry per service instance (no import-time globals).
+
+Event counters and latency histograms are updated where things happen. Gauges that
+describe state (queue depth, oldest age, dead letters, budget, breaker and pause
+states) are read at scrape time from a :class:`StateSnapshot` the runtime fills in,
+through a custom collector, so they can never drift from the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from app.store.base import StoreStats
+
+PREFIX = "clopos_hydrator"
+# Hydration and delivery both span seconds (normal) to hours (retried through outages).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200)
+
+
+@dataclass
+class UpstreamState:
+    """What one brand's Clopos client and budget report."""
+
+    brand: str
+    tenant: str
+    calls_by_status: dict[str, int]
+    auth_calls: int
+    paused: bool
+    budget_limit: float | None
+    budget_remaining: float | None
+
+
+@dataclass
+class SinkState:
+    name: str
+    breaker_state: str  # closed, open, half_open
+
+
+@dataclass
+class StateSnapshot:
+    store: StoreStats | None = None
+    upstream: list[UpstreamState] = field(default_factory=list)
+    sinks: list[SinkState] = field(default_factory=list)
+
+
+class _StateCollector(Collector):
+    def __init__(self, read: Callable[[], StateSnapshot]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._read()
+        yield from self._queues(state.store)
+        yield from self._upstream(state.upstream)
+        breaker = GaugeMetricFamily(
+            f"{PREFIX}_sink_circuit_open",
+            "1 when the sink's circuit breaker is open or half-open (deliveries paused).",
+            labels=["sink"],
+        )
+        for sink in state.sinks:
+            breaker.add_metric([sink.name], 0.0 if sink.breaker_state == "closed" else 1.0)
+        yield breaker
+
+    def _queues(self, stats: StoreStats | None) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            f"{PREFIX}_queue_depth",
+            "Work items waiting or in flight, by stage, sink and state.",
+            labels=["stage", "sink", "state"],
+        )
+        oldest = GaugeMetricFamily(
+            f"{PREFIX}_queue_oldest_age_seconds",
+            "Age of the oldest waiting item's notification, by stage and sink.",
+            labels=["stage", "sink"],
+        )
+        dead = GaugeMetricFamily(
+            f"{PREFIX}_dead_letters",
+            "Dead letters waiting for an operator, by kind, reason and sink.",
+            labels=["kind", "reason", "sink"],
+        )
+        if stats is not None:
+            queues = [("hydration", "", stats.hydration)]
+            queues += [("delivery", name, q) for name, q in sorted(stats.deliveries.items())]
+            for stage, sink, queue in queues:
+                depth.add_metric([stage, sink, "pending"], queue.pending)
+                depth.add_metric([stage, sink, "running"], queue.running)
+                oldest.add_metric([stage, sink], queue.oldest_pending_age or 0.0)
+            for (kind, reason, sink), count in sorted(stats.dead_letters.items()):
+                dead.add_metric([kind, reason, sink], count)
+        yield from (depth, oldest, dead)
+
+    def _upstream(self, upstream: list[UpstreamState]) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            f"{PREFIX}_upstream_requests",
+            "Requests made to the Clopos API, by brand and status (or error kind).",
+            labels=["brand", "status"],
+        )
+        auth = CounterMetricFamily(
+            f"{PREFIX}_upstream_auth_requests",
+            "Calls to Clopos /v2/auth, by brand.",
+            labels=["brand"],
+        )
+        remaining = GaugeMetricFamily(
+            f"{PREFIX}_budget_remaining",
+            "Requests left in the tenant's current rate-limit window (server's view if known).",
+            labels=["tenant"],
+        )
+        limit = GaugeMetricFamily(
+            f"{PREFIX}_budget_limit",
+            "The tenant's requests-per-minute budget.",
+            labels=["tenant"],
+        )
+        paused = GaugeMetricFamily(
+            f"{PREFIX}_brand_paused",
+            "1 when Clopos rejected the brand's credentials and its work is paused.",
+            labels=["brand"],
+        )
+        for item in upstream:
+            for status, count in sorted(item.calls_by_status.items()):
+                calls.add_metric([item.brand, status], count)
+            auth.add_metric([item.brand], item.auth_calls)
+            if item.budget_remaining is not None:
+                remaining.add_metric([item.tenant], item.budget_remaining)
+            if item.budget_limit is not None:
+                limit.add_metric([item.tenant], item.budget_limit)
+            paused.add_metric([item.brand], 1.0 if item.paused else 0.0)
+        yield from (calls, auth, remaining, limit, paused)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.state = StateSnapshot()
+        r = self.registry
+        self.received = Counter(
+            f"{PREFIX}_notifications_received",
+            "Inbound notification requests, before any check.",
+            ["route"],
+            registry=r,
+        )
+        self.accepted = Counter(
+            f"{PREFIX}_notifications_accepted",
+            "Notifications stored (outcome: new, coalesced, duplicate).",
+            ["brand", "outcome"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            f"{PREFIX}_notifications_rejected",
+            "Notifications refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.hydrations = Counter(
+            f"{PREFIX}_hydrations",
+            "Hydration attempts by brand and outcome.",
+            ["brand", "outcome"],
+            registry=r,
+        )
+        self.hydration_seconds = Histogram(
+            f"{PREFIX}_hydration_duration_seconds",
+            "Time of one successful hydration (Clopos fetch plus store write).",
+            ["brand"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.hydration_latency = Histogram(
+            f"{PREFIX}_hydration_latency_seconds",
+            "From the oldest notification covered to the snapshot stored.",
+            ["brand"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.deliveries = Counter(
+            f"{PREFIX}_deliveries",
+            "Delivery attempts by sink and outcome (delivered, retry, dead_letter).",
+            ["sink", "outcome"],
+            registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            f"{PREFIX}_delivery_duration_seconds",
+            "Time of one delivery attempt to a sink.",
+            ["sink"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            f"{PREFIX}_delivery_latency_seconds",
+            "From the oldest notification behind a snapshot to its delivery.",
+            ["sink"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            f"{PREFIX}_dead_lettered",
+            "Work ended in a dead letter, by kind and reason.",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.registry.register(_StateCollector(lambda: self.state))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

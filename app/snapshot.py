@@ -1,0 +1,74 @@
+"""From a Clopos order to the body every sink receives, with its stable id.
+
+The id (``webhook-id`` on the wire) is derived from the order's content only, so the
+same order state always gets the same id, whatever the time of fetch or the
+notifications behind it: sinks use it to drop repeats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+EVENT_TYPE = "order.hydrated"
+
+
+def canonical_json(value: Any) -> bytes:
+    """Deterministic JSON: sorted keys, no whitespace, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def snapshot_key(brand: str, order_id: int, order: dict[str, Any]) -> str:
+    """Stable id of one order state: ``snap_`` + 32 hex chars of SHA-256."""
+    digest = hashlib.sha256()
+    digest.update(f"{brand}\x00{order_id}\x00".encode())
+    digest.update(canonical_json(order))
+    return "snap_" + digest.hexdigest()[:32]
+
+
+def iso(ts: float) -> str:
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-02-02T17:46:02.123Z``."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_clopos_time(value: Any) -> float | None:
+    """Clopos pages disagree on formats: ``2026-02-02T17:46:02.000000Z`` and
+    ``2025-08-18 13:44:10`` both appear. Both are read as UTC; anything else is None."""
+    if not isinstance(value, str) or not value or len(value) > 64:
+        return None
+    text = value.strip().replace(" ", "T", 1)
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def build_body(
+    *,
+    key: str,
+    brand: str,
+    order_id: int,
+    order: dict[str, Any],
+    notification_ids: list[int],
+    received_at: float,
+    hydrated_at: float,
+) -> bytes:
+    """The exact bytes sinks receive (schema: app/schemas/order_hydrated.json)."""
+    body = {
+        "id": key,
+        "type": EVENT_TYPE,
+        "brand": brand,
+        "order_id": order_id,
+        "order": order,
+        "notification_ids": notification_ids,
+        "received_at": iso(received_at),
+        "hydrated_at": iso(hydrated_at),
+    }
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

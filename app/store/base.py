@@ -1,0 +1,290 @@
+"""The store port: the narrow interface every durable backend implements.
+
+Two queues live behind it, both durable and leased:
+
+* **hydration jobs**: one row per ``(brand, order_id)``. Notifications for an order
+  that is waiting are coalesced into that one job (its ``generation`` goes up); a
+  notification that arrives while the job is being fetched makes the job due again
+  when the fetch completes, so it causes exactly one more fetch.
+* **deliveries**: one row per (snapshot, sink). Per sink and order, a newer snapshot
+  supersedes older undelivered ones, and at most one delivery is in flight, so a sink
+  never receives an older state after a newer one.
+
+Failures that end in **dead letters**, which keep the reason, the last error and
+the attempts, and can be replayed (as a re-hydration or a re-delivery) or purged.
+
+Every mutating call that takes a claimed record checks its ``lease_token``: if the
+lease expired and someone else claimed the record meanwhile, the call returns False
+and changes nothing (the other claimant's outcome wins).
+
+Times are epoch seconds (float) passed in by the caller, so tests can drive a clock.
+Implementations raise :class:`~app.errors.StoreError` for anything the backend
+throws; nothing backend-specific leaks out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+DeadLetterKind = Literal["hydration", "delivery"]
+ReplayMode = Literal["auto", "hydrate", "deliver"]
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One inbound "order changed" notice, as it is stored."""
+
+    brand: str
+    order_id: int
+    received_at: float
+    venue_id: str | None = None
+    # Sender-given message id (webhook-id / Idempotency-Key): exact repeats are dropped.
+    dedup_key: str | None = None
+    # The signed timestamp when the notice carried a Standard Webhooks signature;
+    # the same dedup_key *and* signed_at again is a replay, not a retry.
+    signed_at: int | None = None
+    source: Literal["webhook", "poller", "admin", "replay"] = "webhook"
+    # Forced hydrations deliver even if the state is unchanged (admin "hydrate now").
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    notification_id: int | None  # None when it was a duplicate
+    job_id: int
+    duplicate: bool = False
+    # For a duplicate: the signed_at stored with the first copy (replay detection).
+    previous_signed_at: int | None = None
+    # True when the notice joined a job already waiting or in flight.
+    coalesced: bool = False
+
+
+@dataclass(frozen=True)
+class HydrationJob:
+    """A claimed hydration job."""
+
+    id: int
+    brand: str
+    order_id: int
+    venue_id: str | None
+    attempts: int  # failed attempts so far (429s and credential pauses do not count)
+    not_found_attempts: int
+    generation: int  # the generation this claim covers
+    lease_token: str
+    force: bool
+    # Notifications this fetch covers (oldest first) and when the oldest arrived.
+    notification_ids: tuple[int, ...]
+    first_received_at: float
+    created_at: float
+
+
+@dataclass(frozen=True)
+class NewSnapshot:
+    """What a successful fetch produced, ready to be stored with its deliveries."""
+
+    key: str  # stable id of the order state: the webhook-id every sink sees
+    body: bytes  # the exact JSON body sinks receive
+    order_updated_at: float | None  # parsed Clopos updated_at, for the freshness guard
+    hydrated_at: float
+
+
+HydrationOutcome = Literal["stored", "unchanged", "stale", "lost_lease"]
+
+
+@dataclass(frozen=True)
+class CompleteResult:
+    outcome: HydrationOutcome
+    snapshot_id: int | None = None
+    version: int | None = None
+    deliveries: int = 0
+    # The job was notified again during the fetch and is due once more.
+    requeued: bool = False
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A claimed delivery of one snapshot to one sink."""
+
+    id: int
+    sink: str
+    snapshot_id: int
+    snapshot_key: str
+    brand: str
+    order_id: int
+    version: int
+    body: bytes
+    attempts: int
+    lease_token: str
+    created_at: float
+    first_received_at: float  # when the oldest notification behind it arrived
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    kind: DeadLetterKind
+    brand: str
+    order_id: int
+    sink: str | None
+    reason: str  # stable identifier: not_found, rejected, gave_up, invalid_response...
+    last_error: str
+    attempts: int
+    created_at: float
+    job_id: int | None = None
+    delivery_id: int | None = None
+    snapshot_key: str | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetterFilter:
+    brand: str | None = None
+    sink: str | None = None
+    reason: str | None = None
+    kind: DeadLetterKind | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetterPage:
+    items: list[DeadLetter]
+    total: int
+    next_cursor: int | None  # pass as ``after_id`` to get the next page
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    pending: int
+    running: int
+    oldest_pending_age: float | None  # seconds since the oldest waiting item's notice
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    hydration: QueueStats
+    deliveries: dict[str, QueueStats]  # per sink
+    dead_letters: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    # key: (kind, reason, sink or "") -> count
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    jobs: int
+    notifications: int
+    snapshots: int
+    deliveries: int
+
+    @property
+    def total(self) -> int:
+        return self.jobs + self.notifications + self.snapshots + self.deliveries
+
+
+class Store(Protocol):
+    """The durable store. One instance per process; safe for concurrent coroutines."""
+
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Prove the store can commit a write now; raise StoreError if not."""
+
+    # --- ingest ---
+
+    async def enqueue(self, notification: Notification) -> EnqueueResult:
+        """Commit a notification (durably) and coalesce it into its order's job."""
+
+    # --- hydration queue ---
+
+    async def claim_hydrations(
+        self,
+        *,
+        limit: int,
+        now: float,
+        lease_seconds: float,
+        exclude_brands: frozenset[str] = frozenset(),
+    ) -> list[HydrationJob]:
+        """Lease up to ``limit`` due jobs (pending and due, or running with an expired lease)."""
+
+    async def complete_hydration(
+        self, job: HydrationJob, snapshot: NewSnapshot, sinks: list[str], *, now: float
+    ) -> CompleteResult:
+        """Store the snapshot and one delivery per sink, in one transaction.
+
+        Skips the snapshot when it equals the latest one for the order (``unchanged``,
+        unless the job is forced) or is older than it by ``order_updated_at``
+        (``stale``). Supersedes older undelivered deliveries of the order on each sink.
+        Marks the job done, or due again at once if its generation moved on.
+        """
+
+    async def retry_hydration(
+        self,
+        job: HydrationJob,
+        *,
+        retry_at: float,
+        error: str,
+        count_attempt: bool = True,
+        not_found: bool = False,
+    ) -> bool:
+        """Put the job back, due at ``retry_at``; optionally count a (not-found) attempt."""
+
+    async def release_hydration(self, job: HydrationJob) -> bool:
+        """Give a claimed job back untouched (shutdown): due now, no attempt counted."""
+
+    async def dead_letter_hydration(
+        self, job: HydrationJob, *, reason: str, error: str, now: float
+    ) -> bool:
+        """End the job in a dead letter (it revives on the next notification or replay)."""
+
+    # --- delivery queue ---
+
+    async def claim_deliveries(
+        self, *, sink: str, limit: int, now: float, lease_seconds: float
+    ) -> list[Delivery]:
+        """Lease due deliveries of one sink: at most one in flight per (sink, order), and
+        never one older than a version the sink already received (those are superseded)."""
+
+    async def complete_delivery(self, delivery: Delivery, *, now: float) -> bool: ...
+
+    async def retry_delivery(
+        self, delivery: Delivery, *, retry_at: float, error: str, count_attempt: bool = True
+    ) -> bool: ...
+
+    async def release_delivery(self, delivery: Delivery) -> bool: ...
+
+    async def dead_letter_delivery(
+        self, delivery: Delivery, *, reason: str, error: str, now: float
+    ) -> bool: ...
+
+    # --- dead letters ---
+
+    async def list_dead_letters(
+        self, filt: DeadLetterFilter, *, limit: int = 50, after_id: int | None = None
+    ) -> DeadLetterPage: ...
+
+    async def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None: ...
+
+    async def replay_dead_letter(
+        self, dead_letter_id: int, *, mode: ReplayMode = "auto", now: float
+    ) -> bool:
+        """Re-queue and remove it. ``auto``: a hydration letter re-hydrates (forced), a
+        delivery letter re-delivers its snapshot. ``hydrate`` forces a fresh fetch for
+        the order. Returns False when no such dead letter exists."""
+
+    async def replay_dead_letters(
+        self, filt: DeadLetterFilter, *, mode: ReplayMode = "auto", now: float, limit: int = 1000
+    ) -> int: ...
+
+    async def purge_dead_letter(self, dead_letter_id: int) -> bool: ...
+
+    async def purge_dead_letters(self, filt: DeadLetterFilter) -> int: ...
+
+    # --- upkeep and observation ---
+
+    async def prune(self, *, older_than: float) -> PruneResult:
+        """Delete finished records last touched before ``older_than``."""
+
+    async def stats(self, *, now: float) -> StoreStats: ...
+
+    async def latest_snapshot_body(self, brand: str, order_id: int) -> bytes | None:
+        """The newest stored snapshot body of an order (for operators)."""
