@@ -1,0 +1,49 @@
+"""The durable store: the port (:mod:`app.store.base`) and the backend a URL chooses.
+
+``open_store`` only builds the store; nothing touches the disk until ``await
+store.open()`` (which also applies pending migrations).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote
+
+from app.errors import ConfigError
+from app.store.base import Store
+
+SQLITE_PREFIX = "sqlite:///"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def sqlite_path(database_url: str) -> Path:
+    """The file of a ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` URL."""
+    if not database_url.startswith(SQLITE_PREFIX):
+        raise ConfigError(
+            "DATABASE_URL",
+            "a SQLite URL has the form sqlite:///relative/path.db or sqlite:////absolute/path.db",
+        )
+    raw = database_url[len(SQLITE_PREFIX) :]
+    if "?" in raw or "#" in raw:
+        raise ConfigError("DATABASE_URL", "a SQLite URL takes no query or fragment")
+    path = unquote(raw)
+    if not path or path.endswith("/"):
+        raise ConfigError("DATABASE_URL", "the SQLite URL names no file")
+    if path == ":memory:":
+        # Ack means durable: an in-memory database loses every accepted notification.
+        raise ConfigError("DATABASE_URL", "an in-memory SQLite database is not durable")
+    return Path(path)
+
+
+def open_store(database_url: str) -> Store:
+    """Build the store for ``database_url`` (not yet opened)."""
+    if database_url.startswith(POSTGRES_SCHEMES):
+        raise ConfigError("DATABASE_URL", "PostgreSQL store is not available in this version")
+    if database_url.startswith("sqlite:"):
+        from app.store.sqlite import SqliteStore
+
+        return SqliteStore(sqlite_path(database_url))
+    raise ConfigError("DATABASE_URL", "must start with sqlite:/// or postgresql://")
+
+
+__all__ = ["Store", "open_store", "sqlite_path"]

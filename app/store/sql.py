@@ -1,0 +1,372 @@
+"""Every SQL statement of the SQLite store, as named queries in one place.
+
+Parameters are named (``:name``). Times are epoch seconds. The statements are
+written so each one uses an index: claim queries read the partial ``*_due`` and
+``*_lease`` indexes separately (an ``OR`` of the two would scan) and the store
+merges their results. Schema lives in ``migrations/``.
+"""
+
+from __future__ import annotations
+
+# --- schema bookkeeping ---------------------------------------------------------------
+
+CREATE_SCHEMA_MIGRATIONS = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version TEXT PRIMARY KEY,
+    applied_at REAL NOT NULL
+)
+"""
+MIGRATION_APPLIED = "SELECT 1 FROM schema_migrations WHERE version = :version"
+RECORD_MIGRATION = (
+    "INSERT INTO schema_migrations (version, applied_at) VALUES (:version, :applied_at)"
+)
+
+# --- start-up ---------------------------------------------------------------------------
+
+# One process per SQLite file (product.md): a lease still held when the store opens
+# belongs to a process that died, so it is void now rather than after its expiry.
+VOID_JOB_LEASES = "UPDATE hydration_jobs SET lease_until = 0 WHERE status = 'running'"
+VOID_DELIVERY_LEASES = "UPDATE deliveries SET lease_until = 0 WHERE status = 'running'"
+
+# --- ingest -----------------------------------------------------------------------------
+
+FIND_DUPLICATE = """
+SELECT job_id, signed_at FROM notifications
+WHERE brand = :brand AND dedup_key = :dedup_key
+"""
+GET_JOB_BY_ORDER = "SELECT * FROM hydration_jobs WHERE brand = :brand AND order_id = :order_id"
+LATEST_SNAPSHOT_META = """
+SELECT id, version, key, order_updated_at FROM snapshots
+WHERE brand = :brand AND order_id = :order_id
+ORDER BY version DESC LIMIT 1
+"""
+INSERT_JOB = """
+INSERT INTO hydration_jobs (
+    brand, order_id, venue_id, status, generation, force_generation, retry_at,
+    pending_since, last_version, last_snapshot_key, last_updated_at, created_at, updated_at
+) VALUES (
+    :brand, :order_id, :venue_id, 'pending', 1, :force_generation, :now,
+    :now, :last_version, :last_snapshot_key, :last_updated_at, :now, :now
+)
+"""
+UPDATE_JOB_ON_NOTICE = """
+UPDATE hydration_jobs SET
+    status = :status, venue_id = :venue_id, generation = :generation,
+    force_generation = :force_generation, attempts = :attempts,
+    not_found_attempts = :not_found_attempts, retry_at = :retry_at,
+    pending_since = :pending_since, last_error = :last_error, updated_at = :now
+WHERE id = :id
+"""
+INSERT_NOTIFICATION = """
+INSERT INTO notifications (
+    job_id, brand, order_id, venue_id, dedup_key, signed_at, source, force, received_at
+) VALUES (
+    :job_id, :brand, :order_id, :venue_id, :dedup_key, :signed_at, :source, :force,
+    :received_at
+)
+"""
+
+# --- hydration queue --------------------------------------------------------------------
+
+DUE_PENDING_JOBS = """
+SELECT id, retry_at FROM hydration_jobs
+WHERE status = 'pending' AND retry_at <= :now
+  AND brand NOT IN (SELECT value FROM json_each(:exclude))
+ORDER BY retry_at, id LIMIT :limit
+"""
+EXPIRED_RUNNING_JOBS = """
+SELECT id, retry_at FROM hydration_jobs
+WHERE status = 'running' AND lease_until <= :now
+  AND brand NOT IN (SELECT value FROM json_each(:exclude))
+ORDER BY lease_until, id LIMIT :limit
+"""
+UNCOVERED_SUMMARY = """
+SELECT MAX(id) AS max_id, MIN(received_at) AS first_received_at FROM notifications
+WHERE job_id = :job_id AND snapshot_id IS NULL
+"""
+CLAIM_JOB = """
+UPDATE hydration_jobs SET
+    status = 'running', lease_until = :lease_until, lease_token = :lease_token,
+    claimed_generation = generation, claimed_notification_id = :max_id, updated_at = :now
+WHERE id = :id
+RETURNING *
+"""
+RECENT_UNCOVERED_IDS = """
+SELECT id FROM notifications
+WHERE job_id = :job_id AND snapshot_id IS NULL AND id <= :max_id
+ORDER BY id DESC LIMIT :limit
+"""
+LEASED_JOB = """
+SELECT * FROM hydration_jobs
+WHERE id = :id AND status = 'running' AND lease_token = :lease_token
+"""
+INSERT_SNAPSHOT = """
+INSERT INTO snapshots (brand, order_id, key, version, body, order_updated_at, hydrated_at)
+VALUES (:brand, :order_id, :key, :version, :body, :order_updated_at, :hydrated_at)
+"""
+SUPERSEDE_OLDER_PENDING = """
+UPDATE deliveries SET status = 'superseded', updated_at = :now
+WHERE sink = :sink AND brand = :brand AND order_id = :order_id
+  AND status = 'pending' AND version < :version
+"""
+INSERT_DELIVERY = """
+INSERT INTO deliveries (
+    snapshot_id, sink, brand, order_id, version, status, retry_at,
+    created_at, updated_at, first_received_at
+) VALUES (
+    :snapshot_id, :sink, :brand, :order_id, :version, 'pending', :now,
+    :now, :now, :first_received_at
+)
+"""
+COVER_NOTIFICATIONS = """
+UPDATE notifications SET snapshot_id = :snapshot_id
+WHERE job_id = :job_id AND snapshot_id IS NULL AND id <= :max_id
+"""
+OLDEST_UNCOVERED = """
+SELECT MIN(received_at) AS oldest FROM notifications
+WHERE job_id = :job_id AND snapshot_id IS NULL
+"""
+# A force asked for after the claim (a higher generation) outlives this completion.
+FINISH_JOB = """
+UPDATE hydration_jobs SET
+    status = :status, retry_at = :retry_at, attempts = 0, not_found_attempts = 0,
+    force_generation = CASE WHEN force_generation > claimed_generation
+                            THEN force_generation ELSE 0 END,
+    lease_until = NULL, lease_token = NULL, last_error = NULL,
+    pending_since = :pending_since, last_version = :last_version,
+    last_snapshot_key = :last_snapshot_key, last_updated_at = :last_updated_at,
+    updated_at = :now
+WHERE id = :id
+"""
+RETRY_JOB = """
+UPDATE hydration_jobs SET
+    status = 'pending', retry_at = :retry_at, last_error = :error,
+    attempts = attempts + :add_attempt, not_found_attempts = not_found_attempts + :add_not_found,
+    lease_until = NULL, lease_token = NULL, updated_at = :now
+WHERE id = :id AND status = 'running' AND lease_token = :lease_token
+"""
+# retry_at is left as it was: the job was due then, so it goes back to the front.
+RELEASE_JOB = """
+UPDATE hydration_jobs SET
+    status = 'pending', lease_until = NULL, lease_token = NULL, updated_at = :now
+WHERE id = :id AND status = 'running' AND lease_token = :lease_token
+"""
+DEAD_JOB = """
+UPDATE hydration_jobs SET
+    status = 'dead', last_error = :error, lease_until = NULL, lease_token = NULL,
+    pending_since = NULL, updated_at = :now
+WHERE id = :id AND status = 'running' AND lease_token = :lease_token
+RETURNING attempts, not_found_attempts
+"""
+
+# --- delivery queue ---------------------------------------------------------------------
+
+# A candidate must not have a sibling (same sink and order) in flight with a live lease.
+DUE_PENDING_DELIVERIES = """
+SELECT d.id, d.brand, d.order_id, d.version, d.retry_at FROM deliveries AS d
+WHERE d.sink = :sink AND d.status = 'pending' AND d.retry_at <= :now
+  AND NOT EXISTS (
+    SELECT 1 FROM deliveries AS o
+    WHERE o.sink = d.sink AND o.brand = d.brand AND o.order_id = d.order_id
+      AND o.status = 'running' AND o.lease_until > :now AND o.id <> d.id
+  )
+ORDER BY d.retry_at, d.id LIMIT :limit
+"""
+EXPIRED_RUNNING_DELIVERIES = """
+SELECT d.id, d.brand, d.order_id, d.version, d.retry_at FROM deliveries AS d
+WHERE d.sink = :sink AND d.status = 'running' AND d.lease_until <= :now
+  AND NOT EXISTS (
+    SELECT 1 FROM deliveries AS o
+    WHERE o.sink = d.sink AND o.brand = d.brand AND o.order_id = d.order_id
+      AND o.status = 'running' AND o.lease_until > :now AND o.id <> d.id
+  )
+ORDER BY d.lease_until, d.id LIMIT :limit
+"""
+NEWER_DONE_DELIVERY = """
+SELECT 1 FROM deliveries
+WHERE sink = :sink AND brand = :brand AND order_id = :order_id
+  AND status = 'done' AND version >= :version
+LIMIT 1
+"""
+SUPERSEDE_DELIVERY = """
+UPDATE deliveries SET
+    status = 'superseded', lease_until = NULL, lease_token = NULL, updated_at = :now
+WHERE id = :id
+"""
+CLAIM_DELIVERY = """
+UPDATE deliveries SET
+    status = 'running', lease_until = :lease_until, lease_token = :lease_token, updated_at = :now
+WHERE id = :id
+"""
+CLAIMED_DELIVERY = """
+SELECT d.*, s.key AS snapshot_key, s.body AS body
+FROM deliveries AS d JOIN snapshots AS s ON s.id = d.snapshot_id
+WHERE d.id = :id
+"""
+COMPLETE_DELIVERY = """
+UPDATE deliveries SET
+    status = 'done', delivered_at = :now, last_error = NULL,
+    lease_until = NULL, lease_token = NULL, updated_at = :now
+WHERE id = :id AND status = 'running' AND lease_token = :lease_token
+"""
+RETRY_DELIVERY = """
+UPDATE deliveries SET
+    status = 'pending', retry_at = :retry_at, last_error = :error,
+    attempts = attempts + :add_attempt, lease_until = NULL, lease_token = NULL, updated_at = :now
+WHERE id = :id AND status = 'running' AND lease_token = :lease_token
+"""
+# As for jobs: released work keeps its (past) retry_at and goes back to the front.
+RELEASE_DELIVERY = """
+UPDATE deliveries SET
+    status = 'pending', lease_until = NULL, lease_token = NULL, updated_at = :now
+WHERE id = :id AND status = 'running' AND lease_token = :lease_token
+"""
+DEAD_DELIVERY = """
+UPDATE deliveries SET
+    status = 'dead', last_error = :error, lease_until = NULL, lease_token = NULL,
+    updated_at = :now
+WHERE id = :id AND status = 'running' AND lease_token = :lease_token
+RETURNING attempts
+"""
+
+# --- dead letters -----------------------------------------------------------------------
+
+INSERT_DEAD_LETTER = """
+INSERT INTO dead_letters (
+    kind, brand, order_id, sink, reason, last_error, attempts, created_at,
+    job_id, delivery_id, snapshot_key
+) VALUES (
+    :kind, :brand, :order_id, :sink, :reason, :last_error, :attempts, :created_at,
+    :job_id, :delivery_id, :snapshot_key
+)
+"""
+# Dead-letter filters: a NULL parameter means "any".
+LIST_DEAD_LETTERS = """
+SELECT * FROM dead_letters
+WHERE id > :after_id
+  AND (:brand IS NULL OR brand = :brand)
+  AND (:sink IS NULL OR sink = :sink)
+  AND (:reason IS NULL OR reason = :reason)
+  AND (:kind IS NULL OR kind = :kind)
+ORDER BY id LIMIT :limit
+"""
+COUNT_DEAD_LETTERS = """
+SELECT COUNT(*) FROM dead_letters
+WHERE (:brand IS NULL OR brand = :brand)
+  AND (:sink IS NULL OR sink = :sink)
+  AND (:reason IS NULL OR reason = :reason)
+  AND (:kind IS NULL OR kind = :kind)
+"""
+DEAD_LETTER_IDS = """
+SELECT id FROM dead_letters
+WHERE (:brand IS NULL OR brand = :brand)
+  AND (:sink IS NULL OR sink = :sink)
+  AND (:reason IS NULL OR reason = :reason)
+  AND (:kind IS NULL OR kind = :kind)
+ORDER BY id LIMIT :limit
+"""
+PURGE_DEAD_LETTERS = """
+DELETE FROM dead_letters
+WHERE (:brand IS NULL OR brand = :brand)
+  AND (:sink IS NULL OR sink = :sink)
+  AND (:reason IS NULL OR reason = :reason)
+  AND (:kind IS NULL OR kind = :kind)
+"""
+GET_DEAD_LETTER = "SELECT * FROM dead_letters WHERE id = :id"
+DELETE_DEAD_LETTER = "DELETE FROM dead_letters WHERE id = :id"
+# A replayed delivery starts over: attempts and its give-up clock (created_at) reset.
+REPLAY_DELIVERY = """
+UPDATE deliveries SET
+    status = 'pending', attempts = 0, retry_at = :now, lease_until = NULL, lease_token = NULL,
+    created_at = :now, updated_at = :now
+WHERE id = :id AND status = 'dead'
+"""
+DELIVERY_EXISTS = "SELECT 1 FROM deliveries WHERE id = :id"
+
+# --- upkeep -----------------------------------------------------------------------------
+
+# Each prune statement deletes at most :chunk rows so one call never holds the writer
+# (and everyone's group commit) for long; the store repeats it until nothing is left.
+PRUNE_DELIVERIES = """
+DELETE FROM deliveries WHERE id IN (
+  SELECT id FROM deliveries AS d
+  WHERE d.status IN ('done', 'superseded', 'dead') AND d.updated_at < :cutoff
+    AND (d.status <> 'dead'
+         OR NOT EXISTS (SELECT 1 FROM dead_letters AS dl WHERE dl.delivery_id = d.id))
+  LIMIT :chunk
+)
+"""
+# A job is finished when done, or dead with its dead letter gone (purged). Its notices
+# go once they are old; the job goes once it is old and has no notices left.
+PRUNE_NOTIFICATIONS = """
+DELETE FROM notifications WHERE id IN (
+  SELECT n.id FROM notifications AS n
+  WHERE n.received_at < :cutoff
+    AND (n.snapshot_id IS NOT NULL OR EXISTS (
+      SELECT 1 FROM hydration_jobs AS j
+      WHERE j.id = n.job_id
+        AND (j.status = 'done'
+         OR (j.status = 'dead' AND NOT EXISTS (
+               SELECT 1 FROM dead_letters AS dl
+               WHERE dl.kind = 'hydration' AND dl.brand = j.brand
+                 AND dl.order_id = j.order_id)))))
+  LIMIT :chunk
+)
+"""
+PRUNE_JOBS = """
+DELETE FROM hydration_jobs WHERE id IN (
+  SELECT j.id FROM hydration_jobs AS j
+  WHERE j.status IN ('done', 'dead') AND j.updated_at < :cutoff
+    AND (j.status = 'done'
+         OR (j.status = 'dead' AND NOT EXISTS (
+               SELECT 1 FROM dead_letters AS dl
+               WHERE dl.kind = 'hydration' AND dl.brand = j.brand
+                 AND dl.order_id = j.order_id)))
+    AND NOT EXISTS (SELECT 1 FROM notifications AS n WHERE n.job_id = j.id)
+  LIMIT :chunk
+)
+"""
+# The newest snapshot of an order is kept as long as the order's job exists, for
+# operators and for the unchanged/stale checks of the next fetch.
+PRUNE_SNAPSHOTS = """
+DELETE FROM snapshots WHERE id IN (
+  SELECT s.id FROM snapshots AS s
+  WHERE s.hydrated_at < :cutoff
+    AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.snapshot_id = s.id)
+    AND NOT EXISTS (SELECT 1 FROM notifications AS n WHERE n.snapshot_id = s.id)
+    AND (
+      s.version < (SELECT MAX(version) FROM snapshots AS t
+                   WHERE t.brand = s.brand AND t.order_id = s.order_id)
+      OR NOT EXISTS (SELECT 1 FROM hydration_jobs AS j
+                     WHERE j.brand = s.brand AND j.order_id = s.order_id)
+    )
+  LIMIT :chunk
+)
+"""
+
+# --- observation ------------------------------------------------------------------------
+
+# One statement per status (not a bound :status) so each reads its partial index.
+PENDING_JOB_STATS = """
+SELECT COUNT(*) AS n, MIN(pending_since) AS oldest FROM hydration_jobs WHERE status = 'pending'
+"""
+RUNNING_JOB_STATS = """
+SELECT COUNT(*) AS n, MIN(pending_since) AS oldest FROM hydration_jobs WHERE status = 'running'
+"""
+PENDING_DELIVERY_STATS = """
+SELECT sink, COUNT(*) AS n, MIN(first_received_at) AS oldest FROM deliveries
+WHERE status = 'pending' GROUP BY sink
+"""
+RUNNING_DELIVERY_STATS = """
+SELECT sink, COUNT(*) AS n, MIN(first_received_at) AS oldest FROM deliveries
+WHERE status = 'running' GROUP BY sink
+"""
+DEAD_LETTER_STATS = """
+SELECT kind, reason, COALESCE(sink, '') AS sink, COUNT(*) AS n FROM dead_letters
+GROUP BY kind, reason, COALESCE(sink, '')
+"""
+LATEST_SNAPSHOT_BODY = """
+SELECT body FROM snapshots WHERE brand = :brand AND order_id = :order_id
+ORDER BY version DESC LIMIT 1
+"""
+HEARTBEAT = "UPDATE heartbeat SET beats = beats + 1, beat_at = :now WHERE id = 1"

@@ -1,0 +1,832 @@
+"""The SQLite store: the embedded, single-process implementation of the store port.
+
+Every operation is a plain function of the connection, run on the writer thread of
+:mod:`app.store.sqlite_writer` (serially, group-committed). The semantics are the
+port's (:mod:`app.store.base`); the notes here are about how they are kept:
+
+* A hydration job remembers what its claim covers: ``claimed_generation`` and
+  ``claimed_notification_id`` (the newest notice at claim time). Completion attaches
+  exactly those notices to the snapshot and requeues the job when the generation
+  moved on meanwhile, so a notice during a fetch causes exactly one more fetch.
+* ``force_generation`` is the generation a forced hydration was asked at (0: none),
+  so a force that arrives during a fetch survives that fetch's completion.
+* ``pending_since`` is when the oldest notice not yet covered arrived; it drives the
+  backlog age and the job's give-up clock (``HydrationJob.first_received_at``). A
+  dead job forgets it, so a revived job does not inherit the age of the dead one.
+* A new job takes ``last_version``/``last_snapshot_key``/``last_updated_at`` from the
+  newest snapshot of its order still stored, so versions never go backwards after
+  the previous job was pruned.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from app.errors import StoreError
+from app.logs import get_logger
+from app.store import sql
+from app.store.base import (
+    CompleteResult,
+    DeadLetter,
+    DeadLetterFilter,
+    DeadLetterKind,
+    DeadLetterPage,
+    Delivery,
+    EnqueueResult,
+    HydrationJob,
+    HydrationOutcome,
+    NewSnapshot,
+    Notification,
+    PruneResult,
+    QueueStats,
+    ReplayMode,
+    StoreStats,
+)
+from app.store.sqlite_writer import GroupCommitWriter
+
+T = TypeVar("T")
+log = get_logger("app.store.sqlite")
+Row = sqlite3.Row
+Conn = sqlite3.Connection
+
+# A claim lists at most this many notification ids (the newest), to bound the body.
+MAX_NOTIFICATION_IDS = 1000
+# Rows one prune statement deletes at most, so one prune never holds the writer long.
+PRUNE_CHUNK = 2000
+
+
+def _token() -> str:
+    return secrets.token_hex(16)
+
+
+class SqliteStore:
+    """The store port on one SQLite file. ``commits`` counts committed transactions."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        batch_limit: int = 256,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self._batch_limit = batch_limit
+        # Only for bookkeeping stamps (updated_at) of calls that take no ``now``.
+        self._clock = clock
+        self._writer: GroupCommitWriter | None = None
+        self._commits_before = 0  # commits of writers from earlier open/close cycles
+
+    @property
+    def commits(self) -> int:
+        current = self._writer.commits if self._writer is not None else 0
+        return self._commits_before + current
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            return
+        writer = GroupCommitWriter(self.path, batch_limit=self._batch_limit)
+        await writer.start()
+        self._writer = writer
+        voided = await self.run("void_orphaned_leases", _void_orphaned_leases)
+        if voided:
+            log.warning("store.orphaned_leases_released", count=voided)
+
+    async def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await writer.stop()
+            self._commits_before += writer.commits
+
+    async def run(self, name: str, fn: Callable[[Conn], T]) -> T:
+        """Run ``fn(connection)`` on the writer thread, in the next group commit.
+
+        The escape hatch for SQLite-specific tooling and tests; store semantics live in
+        the methods below.
+        """
+        if self._writer is None:
+            raise StoreError(f"{name}: the store is not open")
+        return await self._writer.submit(name, fn)
+
+    async def pragmas(self) -> dict[str, Any]:
+        """The connection settings in force (for diagnostics)."""
+
+        def read(conn: Conn) -> dict[str, Any]:
+            names = ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+            return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
+
+        return await self.run("pragmas", read)
+
+    async def ping(self) -> None:
+        def beat(conn: Conn) -> None:
+            if conn.execute(sql.HEARTBEAT, {"now": self._clock()}).rowcount != 1:
+                raise StoreError("ping: the heartbeat row is missing")
+
+        await self.run("ping", beat)
+
+    # --- ingest -----------------------------------------------------------------------
+
+    async def enqueue(self, notification: Notification) -> EnqueueResult:
+        return await self.run("enqueue", lambda conn: _enqueue(conn, notification))
+
+    # --- hydration queue ----------------------------------------------------------------
+
+    async def claim_hydrations(
+        self,
+        *,
+        limit: int,
+        now: float,
+        lease_seconds: float,
+        exclude_brands: frozenset[str] = frozenset(),
+    ) -> list[HydrationJob]:
+        if limit <= 0:
+            return []
+        return await self.run(
+            "claim_hydrations",
+            lambda conn: _claim_hydrations(conn, limit, now, lease_seconds, exclude_brands),
+        )
+
+    async def complete_hydration(
+        self, job: HydrationJob, snapshot: NewSnapshot, sinks: list[str], *, now: float
+    ) -> CompleteResult:
+        return await self.run(
+            "complete_hydration", lambda conn: _complete_hydration(conn, job, snapshot, sinks, now)
+        )
+
+    async def retry_hydration(
+        self,
+        job: HydrationJob,
+        *,
+        retry_at: float,
+        error: str,
+        count_attempt: bool = True,
+        not_found: bool = False,
+    ) -> bool:
+        params = {
+            "id": job.id,
+            "lease_token": job.lease_token,
+            "retry_at": retry_at,
+            "error": error,
+            # A not-found counts on its own counter, never as a failed attempt.
+            "add_attempt": int(count_attempt and not not_found),
+            "add_not_found": int(not_found),
+            "now": self._clock(),
+        }
+        return await self.run("retry_hydration", lambda conn: _changed(conn, sql.RETRY_JOB, params))
+
+    async def release_hydration(self, job: HydrationJob) -> bool:
+        params = {"id": job.id, "lease_token": job.lease_token, "now": self._clock()}
+        return await self.run(
+            "release_hydration", lambda conn: _changed(conn, sql.RELEASE_JOB, params)
+        )
+
+    async def dead_letter_hydration(
+        self, job: HydrationJob, *, reason: str, error: str, now: float
+    ) -> bool:
+        return await self.run(
+            "dead_letter_hydration",
+            lambda conn: _dead_letter_hydration(conn, job, reason, error, now),
+        )
+
+    # --- delivery queue -------------------------------------------------------------------
+
+    async def claim_deliveries(
+        self, *, sink: str, limit: int, now: float, lease_seconds: float
+    ) -> list[Delivery]:
+        if limit <= 0:
+            return []
+        return await self.run(
+            "claim_deliveries",
+            lambda conn: _claim_deliveries(conn, sink, limit, now, lease_seconds),
+        )
+
+    async def complete_delivery(self, delivery: Delivery, *, now: float) -> bool:
+        params = {"id": delivery.id, "lease_token": delivery.lease_token, "now": now}
+        return await self.run(
+            "complete_delivery", lambda conn: _changed(conn, sql.COMPLETE_DELIVERY, params)
+        )
+
+    async def retry_delivery(
+        self, delivery: Delivery, *, retry_at: float, error: str, count_attempt: bool = True
+    ) -> bool:
+        params = {
+            "id": delivery.id,
+            "lease_token": delivery.lease_token,
+            "retry_at": retry_at,
+            "error": error,
+            "add_attempt": int(count_attempt),
+            "now": self._clock(),
+        }
+        return await self.run(
+            "retry_delivery", lambda conn: _changed(conn, sql.RETRY_DELIVERY, params)
+        )
+
+    async def release_delivery(self, delivery: Delivery) -> bool:
+        params = {"id": delivery.id, "lease_token": delivery.lease_token, "now": self._clock()}
+        return await self.run(
+            "release_delivery", lambda conn: _changed(conn, sql.RELEASE_DELIVERY, params)
+        )
+
+    async def dead_letter_delivery(
+        self, delivery: Delivery, *, reason: str, error: str, now: float
+    ) -> bool:
+        return await self.run(
+            "dead_letter_delivery",
+            lambda conn: _dead_letter_delivery(conn, delivery, reason, error, now),
+        )
+
+    # --- dead letters -----------------------------------------------------------------------
+
+    async def list_dead_letters(
+        self, filt: DeadLetterFilter, *, limit: int = 50, after_id: int | None = None
+    ) -> DeadLetterPage:
+        return await self.run(
+            "list_dead_letters", lambda conn: _list_dead_letters(conn, filt, limit, after_id)
+        )
+
+    async def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
+        def get(conn: Conn) -> DeadLetter | None:
+            row = conn.execute(sql.GET_DEAD_LETTER, {"id": dead_letter_id}).fetchone()
+            return None if row is None else _dead_letter(row)
+
+        return await self.run("get_dead_letter", get)
+
+    async def replay_dead_letter(
+        self, dead_letter_id: int, *, mode: ReplayMode = "auto", now: float
+    ) -> bool:
+        def replay(conn: Conn) -> bool:
+            row = conn.execute(sql.GET_DEAD_LETTER, {"id": dead_letter_id}).fetchone()
+            if row is None:
+                return False
+            _replay(conn, row, mode, now)
+            return True
+
+        return await self.run("replay_dead_letter", replay)
+
+    async def replay_dead_letters(
+        self, filt: DeadLetterFilter, *, mode: ReplayMode = "auto", now: float, limit: int = 1000
+    ) -> int:
+        def replay_many(conn: Conn) -> int:
+            params = {**_filter_params(filt), "limit": max(limit, 0)}
+            ids = [row["id"] for row in conn.execute(sql.DEAD_LETTER_IDS, params)]
+            for letter_id in ids:
+                row = conn.execute(sql.GET_DEAD_LETTER, {"id": letter_id}).fetchone()
+                _replay(conn, row, mode, now)
+            return len(ids)
+
+        return await self.run("replay_dead_letters", replay_many)
+
+    async def purge_dead_letter(self, dead_letter_id: int) -> bool:
+        return await self.run(
+            "purge_dead_letter",
+            lambda conn: _changed(conn, sql.DELETE_DEAD_LETTER, {"id": dead_letter_id}),
+        )
+
+    async def purge_dead_letters(self, filt: DeadLetterFilter) -> int:
+        params = _filter_params(filt)
+        return await self.run(
+            "purge_dead_letters", lambda conn: conn.execute(sql.PURGE_DEAD_LETTERS, params).rowcount
+        )
+
+    # --- upkeep and observation -------------------------------------------------------------
+
+    async def prune(self, *, older_than: float) -> PruneResult:
+        # Order matters: deliveries free snapshots, notifications free jobs and snapshots,
+        # and a pruned job frees the newest snapshot of its order.
+        steps = (
+            ("deliveries", sql.PRUNE_DELIVERIES),
+            ("notifications", sql.PRUNE_NOTIFICATIONS),
+            ("jobs", sql.PRUNE_JOBS),
+            ("snapshots", sql.PRUNE_SNAPSHOTS),
+        )
+        counts = dict.fromkeys((name for name, _ in steps), 0)
+        params = {"cutoff": older_than, "chunk": PRUNE_CHUNK}
+        for name, statement in steps:
+            while True:
+                deleted = await self.run(f"prune_{name}", _deleter(statement, params))
+                counts[name] += deleted
+                if deleted < PRUNE_CHUNK:
+                    break
+        return PruneResult(**counts)
+
+    async def stats(self, *, now: float) -> StoreStats:
+        return await self.run("stats", lambda conn: _stats(conn, now))
+
+    async def latest_snapshot_body(self, brand: str, order_id: int) -> bytes | None:
+        def latest(conn: Conn) -> bytes | None:
+            params = {"brand": brand, "order_id": order_id}
+            row = conn.execute(sql.LATEST_SNAPSHOT_BODY, params).fetchone()
+            return None if row is None else bytes(row["body"])
+
+        return await self.run("latest_snapshot_body", latest)
+
+
+# --- operations (run on the writer thread) --------------------------------------------------
+
+
+def _void_orphaned_leases(conn: Conn) -> int:
+    jobs = conn.execute(sql.VOID_JOB_LEASES).rowcount
+    deliveries = conn.execute(sql.VOID_DELIVERY_LEASES).rowcount
+    return int(jobs + deliveries)
+
+
+def _deleter(statement: str, params: dict[str, Any]) -> Callable[[Conn], int]:
+    def delete(conn: Conn) -> int:
+        rowcount: int = conn.execute(statement, params).rowcount
+        return rowcount
+
+    return delete
+
+
+def _changed(conn: Conn, statement: str, params: dict[str, Any]) -> bool:
+    """Run a single-row, lease-checked UPDATE/DELETE: did it change the row?"""
+    return conn.execute(statement, params).rowcount == 1
+
+
+def _enqueue(conn: Conn, notice: Notification, *, replay: bool = False) -> EnqueueResult:
+    if notice.dedup_key is not None:
+        params = {"brand": notice.brand, "dedup_key": notice.dedup_key}
+        dup = conn.execute(sql.FIND_DUPLICATE, params).fetchone()
+        if dup is not None:
+            return EnqueueResult(
+                notification_id=None,
+                job_id=dup["job_id"],
+                duplicate=True,
+                previous_signed_at=dup["signed_at"],
+            )
+    job = conn.execute(
+        sql.GET_JOB_BY_ORDER, {"brand": notice.brand, "order_id": notice.order_id}
+    ).fetchone()
+    if job is None:
+        job_id, coalesced = _insert_job(conn, notice), False
+    else:
+        job_id, coalesced = job["id"], _notice_job(conn, job, notice, replay=replay)
+    cursor = conn.execute(
+        sql.INSERT_NOTIFICATION,
+        {
+            "job_id": job_id,
+            "brand": notice.brand,
+            "order_id": notice.order_id,
+            "venue_id": notice.venue_id,
+            "dedup_key": notice.dedup_key,
+            "signed_at": notice.signed_at,
+            "source": notice.source,
+            "force": int(notice.force),
+            "received_at": notice.received_at,
+        },
+    )
+    return EnqueueResult(notification_id=cursor.lastrowid, job_id=job_id, coalesced=coalesced)
+
+
+def _insert_job(conn: Conn, notice: Notification) -> int:
+    latest = conn.execute(
+        sql.LATEST_SNAPSHOT_META, {"brand": notice.brand, "order_id": notice.order_id}
+    ).fetchone()
+    cursor = conn.execute(
+        sql.INSERT_JOB,
+        {
+            "brand": notice.brand,
+            "order_id": notice.order_id,
+            "venue_id": notice.venue_id,
+            "force_generation": 1 if notice.force else 0,
+            "now": notice.received_at,
+            "last_version": latest["version"] if latest else 0,
+            "last_snapshot_key": latest["key"] if latest else None,
+            "last_updated_at": latest["order_updated_at"] if latest else None,
+        },
+    )
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
+
+
+def _notice_job(conn: Conn, job: Row, notice: Notification, *, replay: bool) -> bool:
+    """Fold a notice into an existing job; True when it joined waiting or running work."""
+    now = notice.received_at
+    generation = job["generation"] + 1
+    status: str = job["status"]
+    attempts, not_found = job["attempts"], job["not_found_attempts"]
+    retry_at, last_error = job["retry_at"], job["last_error"]
+    since = job["pending_since"]
+    pending_since = now if since is None else min(since, now)
+    coalesced = status in ("pending", "running")
+    if status == "pending":
+        if replay:  # an operator asked for it now: start over
+            attempts = not_found = 0
+            retry_at = min(retry_at, now)
+        elif attempts == 0:  # not in failure backoff: due now
+            retry_at = min(retry_at, now)
+    elif status in ("done", "dead"):
+        status, attempts, not_found, retry_at, last_error = "pending", 0, 0, now, None
+    # running: only the generation moves; completion makes the job due again.
+    conn.execute(
+        sql.UPDATE_JOB_ON_NOTICE,
+        {
+            "id": job["id"],
+            "status": status,
+            "venue_id": notice.venue_id if notice.venue_id is not None else job["venue_id"],
+            "generation": generation,
+            "force_generation": generation if notice.force else job["force_generation"],
+            "attempts": attempts,
+            "not_found_attempts": not_found,
+            "retry_at": retry_at,
+            "pending_since": pending_since,
+            "last_error": last_error,
+            "now": now,
+        },
+    )
+    return coalesced
+
+
+def _claim_hydrations(
+    conn: Conn, limit: int, now: float, lease_seconds: float, exclude: frozenset[str]
+) -> list[HydrationJob]:
+    params = {"now": now, "limit": limit, "exclude": json.dumps(sorted(exclude))}
+    candidates = conn.execute(sql.DUE_PENDING_JOBS, params).fetchall()
+    candidates += conn.execute(sql.EXPIRED_RUNNING_JOBS, params).fetchall()
+    candidates.sort(key=lambda row: (row["retry_at"], row["id"]))
+    return [_claim_job(conn, row["id"], now, lease_seconds) for row in candidates[:limit]]
+
+
+def _claim_job(conn: Conn, job_id: int, now: float, lease_seconds: float) -> HydrationJob:
+    summary = conn.execute(sql.UNCOVERED_SUMMARY, {"job_id": job_id}).fetchone()
+    max_id = summary["max_id"] or 0
+    row = conn.execute(
+        sql.CLAIM_JOB,
+        {
+            "id": job_id,
+            "lease_until": now + lease_seconds,
+            "lease_token": _token(),
+            "max_id": max_id,
+            "now": now,
+        },
+    ).fetchone()
+    newest_first = conn.execute(
+        sql.RECENT_UNCOVERED_IDS,
+        {"job_id": job_id, "max_id": max_id, "limit": MAX_NOTIFICATION_IDS},
+    ).fetchall()
+    first_received_at = row["pending_since"]
+    if first_received_at is None:
+        first_received_at = summary["first_received_at"] or row["created_at"]
+    return HydrationJob(
+        id=row["id"],
+        brand=row["brand"],
+        order_id=row["order_id"],
+        venue_id=row["venue_id"],
+        attempts=row["attempts"],
+        not_found_attempts=row["not_found_attempts"],
+        generation=row["claimed_generation"],
+        lease_token=row["lease_token"],
+        force=row["force_generation"] > 0,
+        notification_ids=tuple(r["id"] for r in reversed(newest_first)),
+        first_received_at=first_received_at,
+        created_at=row["created_at"],
+    )
+
+
+def _complete_hydration(
+    conn: Conn, job: HydrationJob, snapshot: NewSnapshot, sinks: list[str], now: float
+) -> CompleteResult:
+    row = conn.execute(sql.LEASED_JOB, {"id": job.id, "lease_token": job.lease_token}).fetchone()
+    if row is None:
+        return CompleteResult("lost_lease")
+    order = {"brand": row["brand"], "order_id": row["order_id"]}
+    latest = conn.execute(sql.LATEST_SNAPSHOT_META, order).fetchone()
+    last_version, last_key, last_updated = (
+        row["last_version"],
+        row["last_snapshot_key"],
+        row["last_updated_at"],
+    )
+    outcome: HydrationOutcome
+    deliveries = 0
+    # Without a new snapshot, the notices are attached to the newest existing one.
+    snapshot_id: int | None = latest["id"] if latest else None
+    version: int | None = latest["version"] if latest else None
+    if snapshot.key == last_key and not job.force:
+        outcome = "unchanged"
+    elif (
+        snapshot.order_updated_at is not None
+        and last_updated is not None
+        and snapshot.order_updated_at < last_updated
+    ):
+        outcome = "stale"
+    else:
+        outcome = "stored"
+        last_version = max(last_version, latest["version"] if latest else 0) + 1
+        last_key = snapshot.key
+        if snapshot.order_updated_at is not None:
+            last_updated = snapshot.order_updated_at
+        snapshot_id = _insert_snapshot(conn, order, snapshot, last_version)
+        version = last_version
+        for sink in dict.fromkeys(sinks):  # a sink listed twice still gets one delivery
+            _add_delivery(conn, order, sink, snapshot_id, last_version, job, now)
+            deliveries += 1
+    if snapshot_id is not None:
+        conn.execute(
+            sql.COVER_NOTIFICATIONS,
+            {
+                "snapshot_id": snapshot_id,
+                "job_id": job.id,
+                "max_id": row["claimed_notification_id"],
+            },
+        )
+    requeued = row["generation"] > row["claimed_generation"]
+    oldest = conn.execute(sql.OLDEST_UNCOVERED, {"job_id": job.id}).fetchone()["oldest"]
+    conn.execute(
+        sql.FINISH_JOB,
+        {
+            "id": job.id,
+            "status": "pending" if requeued else "done",
+            "retry_at": now if requeued else row["retry_at"],
+            "pending_since": oldest if requeued else None,
+            "last_version": last_version,
+            "last_snapshot_key": last_key,
+            "last_updated_at": last_updated,
+            "now": now,
+        },
+    )
+    return CompleteResult(
+        outcome, snapshot_id=snapshot_id, version=version, deliveries=deliveries, requeued=requeued
+    )
+
+
+def _insert_snapshot(conn: Conn, order: dict[str, Any], snapshot: NewSnapshot, version: int) -> int:
+    cursor = conn.execute(
+        sql.INSERT_SNAPSHOT,
+        {
+            **order,
+            "key": snapshot.key,
+            "version": version,
+            "body": snapshot.body,
+            "order_updated_at": snapshot.order_updated_at,
+            "hydrated_at": snapshot.hydrated_at,
+        },
+    )
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
+
+
+def _add_delivery(
+    conn: Conn,
+    order: dict[str, Any],
+    sink: str,
+    snapshot_id: int,
+    version: int,
+    job: HydrationJob,
+    now: float,
+) -> None:
+    conn.execute(
+        sql.SUPERSEDE_OLDER_PENDING, {**order, "sink": sink, "version": version, "now": now}
+    )
+    conn.execute(
+        sql.INSERT_DELIVERY,
+        {
+            **order,
+            "snapshot_id": snapshot_id,
+            "sink": sink,
+            "version": version,
+            "now": now,
+            "first_received_at": job.first_received_at,
+        },
+    )
+
+
+def _dead_letter_hydration(
+    conn: Conn, job: HydrationJob, reason: str, error: str, now: float
+) -> bool:
+    row = conn.execute(
+        sql.DEAD_JOB, {"id": job.id, "lease_token": job.lease_token, "error": error, "now": now}
+    ).fetchone()
+    if row is None:
+        return False
+    _insert_dead_letter(
+        conn,
+        kind="hydration",
+        brand=job.brand,
+        order_id=job.order_id,
+        sink=None,
+        reason=reason,
+        error=error,
+        # Every attempt made, the one that ends here included.
+        attempts=row["attempts"] + row["not_found_attempts"] + 1,
+        now=now,
+        job_id=job.id,
+    )
+    return True
+
+
+def _claim_deliveries(
+    conn: Conn, sink: str, limit: int, now: float, lease_seconds: float
+) -> list[Delivery]:
+    """Hand out due deliveries, one per order, superseding those a newer one overtook.
+
+    Works in rounds: a claimed delivery becomes a live in-flight sibling, so the next
+    round's query no longer returns its order; superseded ones drop out too.
+    """
+    claimed: list[Delivery] = []
+    seen: set[int] = set()
+    while len(claimed) < limit:
+        params = {"sink": sink, "now": now, "limit": limit - len(claimed)}
+        rows = conn.execute(sql.DUE_PENDING_DELIVERIES, params).fetchall()
+        rows += conn.execute(sql.EXPIRED_RUNNING_DELIVERIES, params).fetchall()
+        rows = [row for row in rows if row["id"] not in seen]
+        if not rows:
+            break
+        rows.sort(key=lambda row: (row["retry_at"], row["id"]))
+        orders_this_round: set[tuple[str, int]] = set()
+        for row in rows[: limit - len(claimed)]:
+            seen.add(row["id"])
+            order = (row["brand"], row["order_id"])
+            if order in orders_this_round:
+                continue  # one per order; the next round excludes it anyway
+            overtaken = conn.execute(
+                sql.NEWER_DONE_DELIVERY,
+                {"sink": sink, "brand": order[0], "order_id": order[1], "version": row["version"]},
+            ).fetchone()
+            if overtaken is not None:
+                conn.execute(sql.SUPERSEDE_DELIVERY, {"id": row["id"], "now": now})
+                continue
+            orders_this_round.add(order)
+            claimed.append(_claim_delivery(conn, row["id"], now, lease_seconds))
+    return claimed
+
+
+def _claim_delivery(conn: Conn, delivery_id: int, now: float, lease_seconds: float) -> Delivery:
+    token = _token()
+    conn.execute(
+        sql.CLAIM_DELIVERY,
+        {"id": delivery_id, "lease_until": now + lease_seconds, "lease_token": token, "now": now},
+    )
+    row = conn.execute(sql.CLAIMED_DELIVERY, {"id": delivery_id}).fetchone()
+    return Delivery(
+        id=row["id"],
+        sink=row["sink"],
+        snapshot_id=row["snapshot_id"],
+        snapshot_key=row["snapshot_key"],
+        brand=row["brand"],
+        order_id=row["order_id"],
+        version=row["version"],
+        body=bytes(row["body"]),
+        attempts=row["attempts"],
+        lease_token=token,
+        created_at=row["created_at"],
+        first_received_at=row["first_received_at"],
+    )
+
+
+def _dead_letter_delivery(
+    conn: Conn, delivery: Delivery, reason: str, error: str, now: float
+) -> bool:
+    row = conn.execute(
+        sql.DEAD_DELIVERY,
+        {"id": delivery.id, "lease_token": delivery.lease_token, "error": error, "now": now},
+    ).fetchone()
+    if row is None:
+        return False
+    _insert_dead_letter(
+        conn,
+        kind="delivery",
+        brand=delivery.brand,
+        order_id=delivery.order_id,
+        sink=delivery.sink,
+        reason=reason,
+        error=error,
+        attempts=row["attempts"] + 1,
+        now=now,
+        delivery_id=delivery.id,
+        snapshot_key=delivery.snapshot_key,
+    )
+    return True
+
+
+def _insert_dead_letter(
+    conn: Conn,
+    *,
+    kind: DeadLetterKind,
+    brand: str,
+    order_id: int,
+    sink: str | None,
+    reason: str,
+    error: str,
+    attempts: int,
+    now: float,
+    job_id: int | None = None,
+    delivery_id: int | None = None,
+    snapshot_key: str | None = None,
+) -> None:
+    conn.execute(
+        sql.INSERT_DEAD_LETTER,
+        {
+            "kind": kind,
+            "brand": brand,
+            "order_id": order_id,
+            "sink": sink,
+            "reason": reason,
+            "last_error": error,
+            "attempts": attempts,
+            "created_at": now,
+            "job_id": job_id,
+            "delivery_id": delivery_id,
+            "snapshot_key": snapshot_key,
+        },
+    )
+
+
+def _filter_params(filt: DeadLetterFilter) -> dict[str, Any]:
+    return {"brand": filt.brand, "sink": filt.sink, "reason": filt.reason, "kind": filt.kind}
+
+
+def _dead_letter(row: Row) -> DeadLetter:
+    return DeadLetter(
+        id=row["id"],
+        kind=row["kind"],
+        brand=row["brand"],
+        order_id=row["order_id"],
+        sink=row["sink"],
+        reason=row["reason"],
+        last_error=row["last_error"],
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        job_id=row["job_id"],
+        delivery_id=row["delivery_id"],
+        snapshot_key=row["snapshot_key"],
+    )
+
+
+def _list_dead_letters(
+    conn: Conn, filt: DeadLetterFilter, limit: int, after_id: int | None
+) -> DeadLetterPage:
+    params = _filter_params(filt)
+    total = conn.execute(sql.COUNT_DEAD_LETTERS, params).fetchone()[0]
+    limit = max(limit, 0)
+    # One extra row tells whether another page exists.
+    rows = conn.execute(
+        sql.LIST_DEAD_LETTERS, {**params, "after_id": after_id or 0, "limit": limit + 1}
+    ).fetchall()
+    items = [_dead_letter(row) for row in rows[:limit]]
+    more = len(rows) > limit and bool(items)
+    return DeadLetterPage(items=items, total=total, next_cursor=items[-1].id if more else None)
+
+
+def _replay(conn: Conn, letter: Row, mode: ReplayMode, now: float) -> None:
+    """Re-queue what a dead letter describes, then remove the letter."""
+    redelivered = False
+    if letter["kind"] == "delivery" and mode in ("auto", "deliver"):
+        delivery_id = letter["delivery_id"]
+        if conn.execute(sql.DELIVERY_EXISTS, {"id": delivery_id}).fetchone() is not None:
+            conn.execute(sql.REPLAY_DELIVERY, {"id": delivery_id, "now": now})
+            redelivered = True
+    if not redelivered:  # a hydration letter, mode "hydrate", or the delivery is gone
+        job = conn.execute(
+            sql.GET_JOB_BY_ORDER, {"brand": letter["brand"], "order_id": letter["order_id"]}
+        ).fetchone()
+        notice = Notification(
+            brand=letter["brand"],
+            order_id=letter["order_id"],
+            received_at=now,
+            venue_id=job["venue_id"] if job is not None else None,
+            source="replay",
+            force=True,
+        )
+        _enqueue(conn, notice, replay=True)
+    conn.execute(sql.DELETE_DEAD_LETTER, {"id": letter["id"]})
+
+
+def _stats(conn: Conn, now: float) -> StoreStats:
+    def age(oldest: float | None) -> float | None:
+        return None if oldest is None else max(0.0, now - oldest)
+
+    pending = conn.execute(sql.PENDING_JOB_STATS).fetchone()
+    running = conn.execute(sql.RUNNING_JOB_STATS).fetchone()
+    oldest_jobs = [v for v in (pending["oldest"], running["oldest"]) if v is not None]
+    hydration = QueueStats(
+        pending=pending["n"],
+        running=running["n"],
+        oldest_pending_age=age(min(oldest_jobs) if oldest_jobs else None),
+    )
+    per_sink: dict[str, dict[str, Any]] = {}
+    for status, statement in (
+        ("pending", sql.PENDING_DELIVERY_STATS),
+        ("running", sql.RUNNING_DELIVERY_STATS),
+    ):
+        for row in conn.execute(statement):
+            entry = per_sink.setdefault(row["sink"], {"pending": 0, "running": 0, "oldest": []})
+            entry[status] = row["n"]
+            entry["oldest"].append(row["oldest"])
+    deliveries = {
+        sink: QueueStats(
+            pending=entry["pending"],
+            running=entry["running"],
+            oldest_pending_age=age(min(entry["oldest"])),
+        )
+        for sink, entry in per_sink.items()
+    }
+    dead_letters = {
+        (row["kind"], row["reason"], row["sink"]): row["n"]
+        for row in conn.execute(sql.DEAD_LETTER_STATS)
+    }
+    return StoreStats(hydration=hydration, deliveries=deliveries, dead_letters=dead_letters)

@@ -1,0 +1,585 @@
+"""The store contract: what every backend must do, written against the port only.
+
+Runs once per backend in ``conftest.STORE_BACKENDS``. Time is driven explicitly
+(``now=`` arguments), never by sleeping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.store.base import (
+    CompleteResult,
+    DeadLetterFilter,
+    Delivery,
+    HydrationJob,
+    NewSnapshot,
+    Notification,
+    PruneResult,
+    QueueStats,
+    Store,
+)
+
+T0 = 1_700_000_000.0
+LEASE = 60.0
+BRAND = "acme"
+
+
+def notice(order_id: int, at: float = T0, brand: str = BRAND, **extra: Any) -> Notification:
+    return Notification(brand=brand, order_id=order_id, received_at=at, **extra)
+
+
+def snap(key: str, at: float = T0, updated: float | None = None) -> NewSnapshot:
+    body = f'{{"key":"{key}"}}'.encode()
+    return NewSnapshot(key=key, body=body, order_updated_at=updated, hydrated_at=at)
+
+
+async def claim(store: Store, now: float = T0, limit: int = 10, **extra: Any) -> list[HydrationJob]:
+    return await store.claim_hydrations(limit=limit, now=now, lease_seconds=LEASE, **extra)
+
+
+async def claim_one(store: Store, now: float = T0, **extra: Any) -> HydrationJob:
+    jobs = await claim(store, now, **extra)
+    assert len(jobs) == 1, jobs
+    return jobs[0]
+
+
+async def hydrate(
+    store: Store,
+    order_id: int,
+    key: str,
+    now: float = T0,
+    sinks: tuple[str, ...] = ("http",),
+    updated: float | None = None,
+    brand: str = BRAND,
+    **extra: Any,
+) -> CompleteResult:
+    """One notice, one fetch, one completion."""
+    await store.enqueue(notice(order_id, now, brand=brand, **extra))
+    job = await claim_one(store, now)
+    return await store.complete_hydration(job, snap(key, now, updated), list(sinks), now=now)
+
+
+async def deliveries(store: Store, sink: str = "http", now: float = T0) -> list[Delivery]:
+    return await store.claim_deliveries(sink=sink, limit=10, now=now, lease_seconds=LEASE)
+
+
+# --- ingest -------------------------------------------------------------------------------
+
+
+async def test_enqueue_creates_a_job_due_when_received(store: Store) -> None:
+    result = await store.enqueue(notice(7, venue_id="v1"))
+    assert not result.duplicate
+    assert not result.coalesced
+    assert result.notification_id is not None
+
+    assert await claim(store, now=T0 - 1) == []
+    job = await claim_one(store, now=T0)
+    assert (job.id, job.brand, job.order_id, job.venue_id) == (result.job_id, BRAND, 7, "v1")
+    assert (job.attempts, job.not_found_attempts, job.force) == (0, 0, False)
+    assert job.notification_ids == (result.notification_id,)
+    assert job.first_received_at == T0
+    assert job.created_at == T0
+    assert await claim(store, now=T0 + 1) == [], "a leased job is not handed out twice"
+
+
+async def test_duplicate_is_dropped_and_reports_the_first_signed_at(store: Store) -> None:
+    first = await store.enqueue(notice(7, dedup_key="msg-1", signed_at=111))
+    again = await store.enqueue(notice(7, T0 + 5, dedup_key="msg-1", signed_at=222))
+    assert again.duplicate
+    assert again.notification_id is None
+    assert again.job_id == first.job_id
+    assert again.previous_signed_at == 111
+
+    other_brand = await store.enqueue(notice(7, brand="other", dedup_key="msg-1"))
+    assert not other_brand.duplicate, "dedup keys are per brand"
+    without_key = [await store.enqueue(notice(8)) for _ in range(2)]
+    assert not any(r.duplicate for r in without_key)
+
+    jobs = {job.order_id: job for job in await claim(store, now=T0 + 10) if job.brand == BRAND}
+    assert jobs[7].notification_ids == (first.notification_id,)
+    assert len(jobs[8].notification_ids) == 2
+
+
+async def test_notices_for_a_waiting_order_coalesce_into_one_fetch(store: Store) -> None:
+    results = [await store.enqueue(notice(7, T0 + i)) for i in range(10)]
+    await store.enqueue(notice(8, T0 + 3))
+    assert [r.coalesced for r in results] == [False] + [True] * 9
+    assert len({r.job_id for r in results}) == 1
+
+    jobs = {job.order_id: job for job in await claim(store, now=T0 + 20)}
+    assert set(jobs) == {7, 8}
+    assert jobs[7].notification_ids == tuple(r.notification_id for r in results)
+    assert jobs[7].first_received_at == T0
+
+
+async def test_latest_venue_is_kept_for_the_fetch(store: Store) -> None:
+    await store.enqueue(notice(7, venue_id="v1"))
+    await store.enqueue(notice(7, T0 + 1, venue_id="v2"))
+    await store.enqueue(notice(7, T0 + 2))  # no venue: keep the known one
+    assert (await claim_one(store, now=T0 + 3)).venue_id == "v2"
+
+
+# --- hydration queue ----------------------------------------------------------------------
+
+
+async def test_claims_oldest_first_within_limit_and_skip_excluded_brands(store: Store) -> None:
+    await store.enqueue(notice(1, T0 + 2))
+    await store.enqueue(notice(2, T0))
+    await store.enqueue(notice(3, T0 + 1, brand="paused"))
+    await store.enqueue(notice(4, T0 + 1))
+
+    first = await claim(store, now=T0 + 5, limit=2, exclude_brands=frozenset({"paused"}))
+    assert [job.order_id for job in first] == [2, 4]
+    rest = await claim(store, now=T0 + 5, exclude_brands=frozenset({"paused"}))
+    assert [job.order_id for job in rest] == [1]
+    assert [job.brand for job in await claim(store, now=T0 + 5)] == ["paused"]
+
+
+async def test_notice_during_a_fetch_causes_exactly_one_more_fetch(store: Store) -> None:
+    await store.enqueue(notice(7))
+    job = await claim_one(store)
+    late = [await store.enqueue(notice(7, T0 + i)) for i in (1, 2, 3)]
+    assert all(r.coalesced for r in late)
+    assert await claim(store, now=T0 + 4) == [], "one fetch in flight per order"
+
+    done = await store.complete_hydration(job, snap("a", T0 + 5), ["http"], now=T0 + 5)
+    assert (done.outcome, done.requeued) == ("stored", True)
+
+    again = await claim_one(store, now=T0 + 5)
+    assert again.id == job.id
+    assert again.notification_ids == tuple(r.notification_id for r in late)
+    assert again.first_received_at == T0 + 1
+    final = await store.complete_hydration(again, snap("b", T0 + 6), ["http"], now=T0 + 6)
+    assert (final.outcome, final.requeued, final.version) == ("stored", False, 2)
+    assert await claim(store, now=T0 + 1000) == []
+
+
+async def test_expired_lease_is_reclaimed_and_the_old_holder_loses(store: Store) -> None:
+    await store.enqueue(notice(7))
+    old = await claim_one(store, now=T0)
+    assert await claim(store, now=T0 + LEASE - 1) == []
+    new = await claim_one(store, now=T0 + LEASE + 1)
+    assert new.id == old.id
+    assert new.lease_token != old.lease_token
+
+    lost = await store.complete_hydration(old, snap("a"), ["http"], now=T0 + 62)
+    assert lost.outcome == "lost_lease"
+    assert not await store.retry_hydration(old, retry_at=T0 + 100, error="x")
+    assert not await store.release_hydration(old)
+    assert not await store.dead_letter_hydration(old, reason="gave_up", error="x", now=T0 + 62)
+    assert (await store.list_dead_letters(DeadLetterFilter())).total == 0
+    assert await deliveries(store, now=T0 + 62) == []
+
+    won = await store.complete_hydration(new, snap("a"), ["http"], now=T0 + 63)
+    assert won.outcome == "stored"
+
+
+async def test_unchanged_state_is_not_delivered_again(store: Store) -> None:
+    first = await hydrate(store, 7, "a")
+    assert (first.outcome, first.version, first.deliveries) == ("stored", 1, 1)
+    same = await hydrate(store, 7, "a", now=T0 + 10)
+    assert (same.outcome, same.snapshot_id, same.version) == ("unchanged", first.snapshot_id, 1)
+    assert same.deliveries == 0
+    assert [d.version for d in await deliveries(store, now=T0 + 10)] == [1]
+
+
+async def test_forced_hydration_delivers_even_when_unchanged(store: Store) -> None:
+    await hydrate(store, 7, "a")
+    forced = await hydrate(store, 7, "a", now=T0 + 10, force=True)
+    assert (forced.outcome, forced.version, forced.deliveries) == ("stored", 2, 1)
+    plain = await hydrate(store, 7, "a", now=T0 + 20)
+    assert plain.outcome == "unchanged", "force applies to one fetch only"
+
+
+async def test_force_arriving_during_a_fetch_survives_it(store: Store) -> None:
+    await store.enqueue(notice(7))
+    job = await claim_one(store)
+    await store.enqueue(notice(7, T0 + 1, force=True))
+    first = await store.complete_hydration(job, snap("a"), ["http"], now=T0 + 2)
+    assert (first.outcome, first.requeued) == ("stored", True)
+
+    again = await claim_one(store, now=T0 + 2)
+    assert again.force
+    forced = await store.complete_hydration(again, snap("a"), ["http"], now=T0 + 3)
+    assert (forced.outcome, forced.version) == ("stored", 2)
+
+
+async def test_older_order_state_is_stale(store: Store) -> None:
+    await hydrate(store, 7, "new", updated=T0 - 10)
+    stale = await hydrate(store, 7, "old", now=T0 + 5, updated=T0 - 50)
+    assert (stale.outcome, stale.deliveries, stale.version) == ("stale", 0, 1)
+    assert await store.latest_snapshot_body(BRAND, 7) == b'{"key":"new"}'
+    newer = await hydrate(store, 7, "newer", now=T0 + 6, updated=T0 - 5)
+    assert (newer.outcome, newer.version) == ("stored", 2)
+
+
+async def test_completion_without_sinks_stores_the_snapshot(store: Store) -> None:
+    result = await hydrate(store, 7, "a", sinks=())
+    assert (result.outcome, result.deliveries) == ("stored", 0)
+    assert await store.latest_snapshot_body(BRAND, 7) == b'{"key":"a"}'
+
+
+async def test_retry_waits_until_retry_at_and_counts_attempts(store: Store) -> None:
+    await store.enqueue(notice(7))
+    job = await claim_one(store)
+    assert await store.retry_hydration(job, retry_at=T0 + 10, error="503")
+    assert await claim(store, now=T0 + 9) == []
+    job = await claim_one(store, now=T0 + 10)
+    assert (job.attempts, job.not_found_attempts) == (1, 0)
+
+    assert await store.retry_hydration(job, retry_at=T0 + 20, error="404", not_found=True)
+    job = await claim_one(store, now=T0 + 20)
+    assert (job.attempts, job.not_found_attempts) == (1, 1)
+
+    assert await store.retry_hydration(job, retry_at=T0 + 30, error="429", count_attempt=False)
+    job = await claim_one(store, now=T0 + 30)
+    assert (job.attempts, job.not_found_attempts) == (1, 1)
+
+    assert await store.release_hydration(job)
+    released = await claim_one(store, now=T0 + 30)
+    assert (released.id, released.attempts) == (job.id, 1), "release is not an attempt"
+
+
+async def test_notice_does_not_cut_a_failure_backoff_short(store: Store) -> None:
+    await store.enqueue(notice(7))
+    job = await claim_one(store)
+    await store.retry_hydration(job, retry_at=T0 + 100, error="503")
+    assert (await store.enqueue(notice(7, T0 + 20))).coalesced
+    assert await claim(store, now=T0 + 21) == []
+    retried = await claim_one(store, now=T0 + 100)
+    assert len(retried.notification_ids) == 2
+
+
+async def test_dead_lettered_job_revives_on_the_next_notice(store: Store) -> None:
+    await store.enqueue(notice(7))
+    job = await claim_one(store)
+    assert await store.dead_letter_hydration(job, reason="rejected", error="400", now=T0 + 1)
+    assert await claim(store, now=T0 + 1000) == []
+    (letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert (letter.kind, letter.reason, letter.last_error, letter.attempts) == (
+        "hydration",
+        "rejected",
+        "400",
+        1,
+    )
+    assert (letter.brand, letter.order_id, letter.sink, letter.job_id) == (BRAND, 7, None, job.id)
+
+    revived = await store.enqueue(notice(7, T0 + 500))
+    assert not revived.coalesced
+    job = await claim_one(store, now=T0 + 500)
+    assert (job.attempts, job.force) == (0, False)
+    assert job.first_received_at == T0 + 500, "a revived job does not inherit the dead one's age"
+
+
+# --- delivery queue -----------------------------------------------------------------------
+
+
+async def test_delivery_carries_the_snapshot(store: Store) -> None:
+    stored = await hydrate(store, 7, "snap_a", sinks=("http", "log"))
+    (delivery,) = await deliveries(store, "http")
+    assert (delivery.sink, delivery.brand, delivery.order_id, delivery.version) == (
+        "http",
+        BRAND,
+        7,
+        1,
+    )
+    assert delivery.snapshot_id == stored.snapshot_id
+    assert (delivery.snapshot_key, delivery.body) == ("snap_a", b'{"key":"snap_a"}')
+    assert (delivery.attempts, delivery.first_received_at, delivery.created_at) == (0, T0, T0)
+    assert await deliveries(store, "http", now=T0 + 1) == [], "leased"
+    assert [d.sink for d in await deliveries(store, "log")] == ["log"]
+    assert await store.complete_delivery(delivery, now=T0 + 2)
+    assert await deliveries(store, "http", now=T0 + 1000) == []
+
+
+async def test_newer_snapshot_supersedes_an_undelivered_older_one(store: Store) -> None:
+    await hydrate(store, 7, "v1")
+    await hydrate(store, 7, "v2", now=T0 + 1)
+    claimed = await deliveries(store, now=T0 + 2)
+    assert [d.version for d in claimed] == [2]
+    assert await store.complete_delivery(claimed[0], now=T0 + 3)
+    assert await deliveries(store, now=T0 + 1000) == [], "v1 is never sent"
+
+
+async def test_one_delivery_in_flight_per_sink_and_order(store: Store) -> None:
+    await hydrate(store, 7, "v1", sinks=("http", "log"))
+    (first,) = await deliveries(store, "http")
+    await hydrate(store, 7, "v2", now=T0 + 1, sinks=("http", "log"))
+    await hydrate(store, 8, "other", now=T0 + 1, sinks=("http",))
+
+    blocked = await deliveries(store, "http", now=T0 + 2)
+    assert [(d.order_id, d.version) for d in blocked] == [(8, 1)], "order 7 waits for v1"
+    log = await deliveries(store, "log", now=T0 + 2)
+    assert [(d.order_id, d.version) for d in log] == [(7, 2)], "sinks are independent"
+
+    assert await store.complete_delivery(first, now=T0 + 3)
+    after = await deliveries(store, "http", now=T0 + 3)
+    assert [(d.order_id, d.version) for d in after] == [(7, 2)]
+
+
+async def test_sink_never_receives_an_older_version_after_a_newer_one(store: Store) -> None:
+    await hydrate(store, 7, "v1")
+    (v1,) = await deliveries(store)
+    assert await store.dead_letter_delivery(v1, reason="rejected", error="400", now=T0 + 1)
+    await hydrate(store, 7, "v2", now=T0 + 2)
+    (v2,) = await deliveries(store, now=T0 + 2)
+    assert await store.complete_delivery(v2, now=T0 + 3)
+
+    (letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert await store.replay_dead_letter(letter.id, now=T0 + 4)
+    assert await deliveries(store, now=T0 + 5) == [], "v1 after v2 would go backwards"
+
+
+async def test_two_due_versions_of_an_order_go_out_one_at_a_time_in_order(store: Store) -> None:
+    await hydrate(store, 7, "v1")
+    (v1,) = await deliveries(store)
+    await store.dead_letter_delivery(v1, reason="rejected", error="400", now=T0 + 1)
+    await hydrate(store, 7, "v2", now=T0 + 2)
+    (letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    await store.replay_dead_letter(letter.id, mode="deliver", now=T0 + 2)
+
+    received: list[int] = []
+    for step in range(4):
+        batch = await deliveries(store, now=T0 + 3 + step)
+        assert len(batch) <= 1, "at most one per (sink, order) in a batch"
+        for delivery in batch:
+            received.append(delivery.version)
+            assert await store.complete_delivery(delivery, now=T0 + 3 + step)
+    assert received == sorted(received)
+    assert received[-1] == 2
+
+
+async def test_expired_delivery_lease_is_reclaimed_and_the_old_holder_loses(
+    store: Store,
+) -> None:
+    await hydrate(store, 7, "v1")
+    (old,) = await deliveries(store, now=T0)
+    assert await deliveries(store, now=T0 + LEASE - 1) == []
+    (new,) = await deliveries(store, now=T0 + LEASE + 1)
+    assert new.id == old.id
+    assert new.lease_token != old.lease_token
+    assert not await store.complete_delivery(old, now=T0 + 62)
+    assert not await store.retry_delivery(old, retry_at=T0 + 70, error="x")
+    assert not await store.release_delivery(old)
+    assert not await store.dead_letter_delivery(old, reason="x", error="x", now=T0 + 62)
+    assert await store.complete_delivery(new, now=T0 + 63)
+
+
+async def test_delivery_retry_and_release(store: Store) -> None:
+    await hydrate(store, 7, "v1")
+    (delivery,) = await deliveries(store)
+    assert await store.retry_delivery(delivery, retry_at=T0 + 10, error="503")
+    assert await deliveries(store, now=T0 + 9) == []
+    (delivery,) = await deliveries(store, now=T0 + 10)
+    assert delivery.attempts == 1
+    assert await store.retry_delivery(delivery, retry_at=T0 + 20, error="429", count_attempt=False)
+    (delivery,) = await deliveries(store, now=T0 + 20)
+    assert delivery.attempts == 1
+    assert await store.release_delivery(delivery)
+    (delivery,) = await deliveries(store, now=T0 + 20)
+    assert delivery.attempts == 1
+
+
+# --- dead letters -------------------------------------------------------------------------
+
+
+async def make_letters(store: Store) -> None:
+    """Hydration letters for acme orders 1-3 (not_found), delivery letters for beta 4-5."""
+    for order_id in (1, 2, 3):
+        await store.enqueue(notice(order_id))
+        job = await claim_one(store)
+        await store.dead_letter_hydration(job, reason="not_found", error="404", now=T0 + 1)
+    for order_id in (4, 5):
+        await hydrate(store, order_id, f"k{order_id}", brand="beta")
+        (delivery,) = await deliveries(store)
+        await store.dead_letter_delivery(delivery, reason="rejected", error="400", now=T0 + 2)
+
+
+async def test_dead_letters_are_listed_filtered_and_paginated(store: Store) -> None:
+    await make_letters(store)
+    everything = await store.list_dead_letters(DeadLetterFilter())
+    assert everything.total == 5
+    assert everything.next_cursor is None
+    ids = [letter.id for letter in everything.items]
+    assert ids == sorted(ids)
+
+    by = store.list_dead_letters
+    assert (await by(DeadLetterFilter(brand="beta"))).total == 2
+    assert (await by(DeadLetterFilter(sink="http"))).total == 2
+    assert (await by(DeadLetterFilter(reason="not_found"))).total == 3
+    assert (await by(DeadLetterFilter(kind="delivery", reason="not_found"))).total == 0
+    (delivery_letter, _) = (await by(DeadLetterFilter(kind="delivery"))).items
+    assert (delivery_letter.sink, delivery_letter.snapshot_key) == ("http", "k4")
+    assert delivery_letter.delivery_id is not None
+    assert delivery_letter.attempts == 1
+
+    page1 = await by(DeadLetterFilter(), limit=2)
+    assert [x.id for x in page1.items] == ids[:2]
+    assert page1.total == 5
+    page2 = await by(DeadLetterFilter(), limit=2, after_id=page1.next_cursor)
+    page3 = await by(DeadLetterFilter(), limit=2, after_id=page2.next_cursor)
+    assert [x.id for x in page2.items + page3.items] == ids[2:]
+    assert page3.next_cursor is None
+
+    assert await store.get_dead_letter(ids[0]) == everything.items[0]
+    assert await store.get_dead_letter(max(ids) + 100) is None
+
+
+async def test_replaying_a_hydration_letter_forces_a_fresh_fetch(store: Store) -> None:
+    await hydrate(store, 1, "same")
+    await store.enqueue(notice(1, T0 + 1))
+    job = await claim_one(store, now=T0 + 1)
+    await store.retry_hydration(job, retry_at=T0 + 2, error="503")
+    job = await claim_one(store, now=T0 + 2)
+    await store.dead_letter_hydration(job, reason="gave_up", error="503", now=T0 + 3)
+    (letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert letter.attempts == 2
+
+    assert await store.replay_dead_letter(letter.id, now=T0 + 10)
+    assert await store.get_dead_letter(letter.id) is None
+    assert not await store.replay_dead_letter(letter.id, now=T0 + 10)
+    job = await claim_one(store, now=T0 + 10)
+    assert (job.force, job.attempts) == (True, 0)
+    result = await store.complete_hydration(job, snap("same"), ["http"], now=T0 + 11)
+    assert (result.outcome, result.version) == ("stored", 2), "forced: delivered though unchanged"
+
+
+async def test_replaying_a_delivery_letter_redelivers_its_snapshot(store: Store) -> None:
+    await hydrate(store, 4, "k4")
+    (delivery,) = await deliveries(store)
+    await store.retry_delivery(delivery, retry_at=T0 + 1, error="503")
+    (delivery,) = await deliveries(store, now=T0 + 1)
+    await store.dead_letter_delivery(delivery, reason="gave_up", error="503", now=T0 + 2)
+    assert await deliveries(store, now=T0 + 1000) == []
+    (letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert letter.attempts == 2
+
+    assert await store.replay_dead_letter(letter.id, now=T0 + 100)
+    (again,) = await deliveries(store, now=T0 + 100)
+    assert (again.id, again.attempts, again.body) == (delivery.id, 0, delivery.body)
+    assert await claim(store, now=T0 + 100) == [], "no re-fetch for a re-delivery"
+
+
+async def test_replay_modes_choose_between_refetch_and_redelivery(store: Store) -> None:
+    await make_letters(store)
+    letters = (await store.list_dead_letters(DeadLetterFilter())).items
+    hydration_letter, delivery_letter = letters[0], letters[3]
+
+    assert await store.replay_dead_letter(delivery_letter.id, mode="hydrate", now=T0 + 10)
+    job = await claim_one(store, now=T0 + 10)
+    assert (job.brand, job.order_id, job.force) == ("beta", 4, True)
+    assert await deliveries(store, now=T0 + 10) == [], "hydrate mode does not resend"
+
+    assert await store.replay_dead_letter(hydration_letter.id, mode="deliver", now=T0 + 10)
+    job = await claim_one(store, now=T0 + 10)
+    assert (job.order_id, job.force) == (hydration_letter.order_id, True)
+
+
+async def test_replay_many_and_purge(store: Store) -> None:
+    await make_letters(store)
+    replayed = await store.replay_dead_letters(
+        DeadLetterFilter(kind="hydration"), now=T0 + 10, limit=2
+    )
+    assert replayed == 2
+    assert len(await claim(store, now=T0 + 10)) == 2
+    assert (await store.list_dead_letters(DeadLetterFilter())).total == 3
+
+    first = (await store.list_dead_letters(DeadLetterFilter())).items[0]
+    assert await store.purge_dead_letter(first.id)
+    assert not await store.purge_dead_letter(first.id)
+    assert await store.purge_dead_letters(DeadLetterFilter(brand="beta")) == 2
+    assert (await store.list_dead_letters(DeadLetterFilter())).total == 0
+    assert await claim(store, now=T0 + 11) == [], "purging does not re-queue anything"
+
+
+# --- upkeep and observation ---------------------------------------------------------------
+
+
+async def test_prune_removes_finished_work_and_keeps_live_work(store: Store) -> None:
+    # Finished: order 1 fetched twice, both versions delivered.
+    for version, key in enumerate(("a", "b"), start=1):
+        await hydrate(store, 1, key, now=T0 + version)
+        (delivery,) = await deliveries(store, now=T0 + version)
+        await store.complete_delivery(delivery, now=T0 + version)
+    # Live: a waiting notice (2), an undelivered snapshot (3), a dead letter (4),
+    # and an order with delivered history that is being fetched again (5).
+    await hydrate(store, 3, "c")
+    await hydrate(store, 4, "d", sinks=("log",))
+    (dead,) = await deliveries(store, "log")
+    await store.dead_letter_delivery(dead, reason="rejected", error="400", now=T0)
+    for version, key in enumerate(("e1", "e2"), start=1):
+        await hydrate(store, 5, key, now=T0 + version, sinks=("log",))
+        (delivery,) = await deliveries(store, "log", now=T0 + version)
+        await store.complete_delivery(delivery, now=T0 + version)
+    await store.enqueue(notice(5, T0 + 5))
+    await store.enqueue(notice(2))
+
+    assert (await store.prune(older_than=T0 - 1)).total == 0, "nothing is old enough yet"
+    result = await store.prune(older_than=T0 + 10_000)
+    # Deliveries: 1 and 5 (two each). Notices: all but the two waiting ones. Jobs: the
+    # finished 1, 3 and 4. Snapshots: both of 1 (its job is gone) and 5's older one.
+    assert result == PruneResult(jobs=3, notifications=6, snapshots=3, deliveries=4)
+
+    assert await store.latest_snapshot_body(BRAND, 1) is None
+    jobs = await claim(store, now=T0 + 10_000)
+    assert sorted(job.order_id for job in jobs) == [2, 5]
+    (undelivered,) = await deliveries(store, now=T0 + 10_000)
+    assert undelivered.order_id == 3
+    (letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert await store.replay_dead_letter(letter.id, now=T0 + 10_000)
+    (redelivery,) = await deliveries(store, "log", now=T0 + 10_000)
+    assert redelivery.order_id == 4
+
+    # Order 5 kept its newest snapshot: the same state is recognised as unchanged.
+    assert await store.latest_snapshot_body(BRAND, 5) == b'{"key":"e2"}'
+    job5 = next(job for job in jobs if job.order_id == 5)
+    same = await store.complete_hydration(job5, snap("e2"), ["log"], now=T0 + 10_001)
+    assert (same.outcome, same.version) == ("unchanged", 2)
+
+
+async def test_an_order_pruned_away_starts_over_cleanly(store: Store) -> None:
+    await hydrate(store, 1, "a")
+    (delivery,) = await deliveries(store)
+    await store.complete_delivery(delivery, now=T0)
+    assert (await store.prune(older_than=T0 + 100)).jobs == 1
+    again = await hydrate(store, 1, "a", now=T0 + 200)
+    assert again.outcome == "stored"
+    (delivery,) = await deliveries(store, now=T0 + 200)
+    assert delivery.order_id == 1
+
+
+async def test_stats_count_queues_ages_and_dead_letters(store: Store) -> None:
+    empty = await store.stats(now=T0)
+    assert empty.hydration == QueueStats(pending=0, running=0, oldest_pending_age=None)
+    assert empty.deliveries == {}
+    assert empty.dead_letters == {}
+
+    await hydrate(store, 3, "c", now=T0, sinks=("http", "log"))
+    await store.enqueue(notice(4, T0 + 1))
+    job = await claim_one(store, now=T0 + 1)
+    await store.dead_letter_hydration(job, reason="not_found", error="404", now=T0 + 2)
+    (delivery,) = await deliveries(store, "log", now=T0 + 2)
+    await store.dead_letter_delivery(delivery, reason="rejected", error="400", now=T0 + 2)
+    await store.enqueue(notice(1, T0 + 10))
+    await claim_one(store, now=T0 + 10)  # order 1 is now in flight
+    await store.enqueue(notice(2, T0 + 20))
+
+    stats = await store.stats(now=T0 + 100)
+    assert stats.hydration == QueueStats(pending=1, running=1, oldest_pending_age=90)
+    assert stats.deliveries == {
+        "http": QueueStats(pending=1, running=0, oldest_pending_age=100),
+    }
+    assert stats.dead_letters == {
+        ("hydration", "not_found", ""): 1,
+        ("delivery", "rejected", "log"): 1,
+    }
+
+
+async def test_latest_snapshot_body_and_ping(store: Store) -> None:
+    assert await store.latest_snapshot_body(BRAND, 7) is None
+    await hydrate(store, 7, "a")
+    await hydrate(store, 7, "b", now=T0 + 1)
+    assert await store.latest_snapshot_body(BRAND, 7) == b'{"key":"b"}'
+    assert await store.latest_snapshot_body("other", 7) is None
+    await store.ping()

@@ -1,0 +1,309 @@
+"""What is particular to the SQLite store: group commit, durability settings, migrations,
+failure isolation inside a batch, lifecycle, and the DATABASE_URL forms."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from app.errors import ConfigError, StoreError
+from app.store import open_store, sqlite_path
+from app.store.base import DeadLetterFilter, NewSnapshot, Notification
+from app.store.sqlite import SqliteStore
+from app.store.sqlite_writer import migrate, migration_scripts
+
+T0 = 1_700_000_000.0
+REPO = Path(__file__).resolve().parents[1]
+
+# Enqueues forever, printing each notification id once its enqueue returned (the "ack").
+CRASHING_WRITER = """
+import asyncio, sys
+from app.store.base import Notification
+from app.store.sqlite import SqliteStore
+
+async def main():
+    store = SqliteStore(sys.argv[1])
+    await store.open()
+    for i in range(1, 1_000_000):
+        notice = Notification(brand="acme", order_id=i, received_at=float(i))
+        print((await store.enqueue(notice)).notification_id, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def notice(order_id: int, at: float = T0) -> Notification:
+    return Notification(brand="acme", order_id=order_id, received_at=at)
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(tmp_path / "store.db")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+class Gate:
+    """An operation that holds the writer thread until released, so that the operations
+    submitted meanwhile are queued and run together as the next batch."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, conn: sqlite3.Connection) -> None:
+        self.entered.set()
+        self.release.wait(10)
+
+    async def hold(self, store: SqliteStore) -> asyncio.Task[None]:
+        task = asyncio.create_task(store.run("gate", self))
+        assert await asyncio.to_thread(self.entered.wait, 10)
+        return task
+
+
+async def test_concurrent_enqueues_are_group_committed(sqlite_store: SqliteStore) -> None:
+    before = sqlite_store.commits
+    results = await asyncio.gather(
+        *(sqlite_store.enqueue(notice(i % 50, T0 + i)) for i in range(200))
+    )
+    commits = sqlite_store.commits - before
+    assert len({r.notification_id for r in results}) == 200
+    assert 1 <= commits < 200, f"{commits} commits for 200 enqueues"
+    jobs = await sqlite_store.claim_hydrations(limit=100, now=T0 + 500, lease_seconds=60)
+    assert len(jobs) == 50
+    assert sum(len(job.notification_ids) for job in jobs) == 200
+
+
+async def test_ops_queued_together_share_one_commit(sqlite_store: SqliteStore) -> None:
+    gate = Gate()
+    held = await gate.hold(sqlite_store)
+    before = sqlite_store.commits
+    tasks = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(20)]
+    await asyncio.sleep(0)  # every task reaches its await: all 20 are queued
+    gate.release.set()
+    await held
+    await asyncio.gather(*tasks)
+    assert sqlite_store.commits - before == 2, "the gate's batch, then one for all 20"
+
+
+async def test_a_failing_op_rolls_back_alone(sqlite_store: SqliteStore) -> None:
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO dead_letters (kind, brand, order_id, reason, last_error, attempts,"
+            " created_at) VALUES ('hydration', 'acme', 1, 'x', 'x', 1, 0)"
+        )
+        conn.execute("SELECT * FROM no_such_table")
+
+    gate = Gate()
+    held = await gate.hold(sqlite_store)
+    good = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(10)]
+    bad = asyncio.create_task(sqlite_store.run("half_then_fail", half_then_fail))
+    more = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(10, 20)]
+    await asyncio.sleep(0)
+    gate.release.set()
+    await held
+
+    with pytest.raises(StoreError, match="no_such_table"):
+        await bad
+    assert all(not r.duplicate for r in await asyncio.gather(*good, *more))
+    assert (await sqlite_store.list_dead_letters(DeadLetterFilter())).total == 0, "rolled back"
+    jobs = await sqlite_store.claim_hydrations(limit=50, now=T0, lease_seconds=60)
+    assert len(jobs) == 20
+
+
+async def test_a_failed_commit_fails_every_op_of_its_batch(sqlite_store: SqliteStore) -> None:
+    def violate_at_commit(conn: sqlite3.Connection) -> None:
+        # A deferred foreign-key violation passes the statement and fails the COMMIT.
+        conn.execute("PRAGMA defer_foreign_keys = ON")
+        conn.execute(
+            "INSERT INTO deliveries (snapshot_id, sink, brand, order_id, version, status,"
+            " retry_at, created_at, updated_at, first_received_at)"
+            " VALUES (999999, 'http', 'acme', 1, 1, 'pending', 0, 0, 0, 0)"
+        )
+
+    gate = Gate()
+    held = await gate.hold(sqlite_store)
+    victim = asyncio.create_task(sqlite_store.enqueue(notice(1)))
+    culprit = asyncio.create_task(sqlite_store.run("violate", violate_at_commit))
+    await asyncio.sleep(0)
+    gate.release.set()
+    await held
+    for task in (victim, culprit):
+        with pytest.raises(StoreError, match="not committed"):
+            await task
+
+    await sqlite_store.enqueue(notice(2))  # the store carries on
+    jobs = await sqlite_store.claim_hydrations(limit=10, now=T0, lease_seconds=60)
+    assert [job.order_id for job in jobs] == [2], "the failed batch left nothing behind"
+
+
+async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    first = SqliteStore(path)
+    await first.open()
+    await first.enqueue(notice(1))
+    job = (await first.claim_hydrations(limit=1, now=T0, lease_seconds=60))[0]
+    snapshot = NewSnapshot(key="k", body=b"{}", order_updated_at=None, hydrated_at=T0)
+    await first.complete_hydration(job, snapshot, ["http"], now=T0)
+    await first.enqueue(notice(2))
+    await first.close()
+
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        assert await second.latest_snapshot_body("acme", 1) == b"{}"
+        jobs = await second.claim_hydrations(limit=10, now=T0, lease_seconds=60)
+        assert [j.order_id for j in jobs] == [2]
+        claimed = await second.claim_deliveries(sink="http", limit=10, now=T0, lease_seconds=60)
+        assert [d.order_id for d in claimed] == [1]
+    finally:
+        await second.close()
+
+
+async def test_every_acknowledged_enqueue_survives_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    acked: set[int] = set()
+    try:
+        assert child.stdout is not None
+        for line in child.stdout:
+            if line.strip().isdigit():
+                acked.add(int(line))
+            if len(acked) >= 300:
+                break
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    assert len(acked) >= 300
+
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        stored = await store.run(
+            "ids", lambda conn: {row[0] for row in conn.execute("SELECT id FROM notifications")}
+        )
+    finally:
+        await store.close()
+    assert acked <= stored, f"lost {len(acked - stored)} acknowledged notifications"
+
+
+async def test_durability_pragmas_are_in_force(sqlite_store: SqliteStore) -> None:
+    assert await sqlite_store.pragmas() == {
+        "journal_mode": "wal",
+        "synchronous": 2,  # FULL
+        "foreign_keys": 1,
+        "busy_timeout": 5000,
+    }
+
+
+async def test_migrations_apply_once(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    for _ in range(2):
+        store = SqliteStore(path)
+        await store.open()
+        await store.close()
+    names = [name for name, _ in migration_scripts()]
+    assert names
+    assert names == sorted(names)
+    with sqlite3.connect(path) as conn:
+        recorded = [row[0] for row in conn.execute("SELECT version FROM schema_migrations")]
+        assert sorted(recorded) == names
+        assert migrate(conn) == [], "nothing left to apply"
+    conn.close()
+
+
+async def test_parent_directories_are_created(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "a" / "b" / "store.db")
+    await store.open()
+    await store.ping()
+    await store.close()
+    assert (tmp_path / "a" / "b" / "store.db").is_file()
+
+
+async def test_an_unusable_path_fails_open_with_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(StoreError):
+        await SqliteStore(tmp_path / "file" / "store.db").open()
+    with pytest.raises(StoreError):
+        await SqliteStore(tmp_path).open()  # a directory, not a database file
+
+
+async def test_closed_store_raises_store_error(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.db")
+    with pytest.raises(StoreError):
+        await store.ping()  # never opened
+    await store.open()
+    pending = [asyncio.create_task(store.enqueue(notice(i))) for i in range(20)]
+    await asyncio.sleep(0)  # queued before close: they still commit
+    await store.close()
+    assert all(task.result().notification_id for task in pending)
+    with pytest.raises(StoreError, match=r"closed|not open"):
+        await store.enqueue(notice(99))
+    await store.close()  # idempotent
+
+    await store.open()  # and it can be opened again
+    jobs = await store.claim_hydrations(limit=50, now=T0, lease_seconds=60)
+    assert len(jobs) == 20
+    await store.close()
+
+
+def test_database_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sqlite_path("sqlite:///./data/hydrator.db") == Path("data/hydrator.db")
+    assert sqlite_path("sqlite:///relative/x.db") == Path("relative/x.db")
+    assert sqlite_path("sqlite:////abs/x.db") == Path("/abs/x.db")
+    assert sqlite_path("sqlite:////abs/with%20space.db") == Path("/abs/with space.db")
+
+    monkeypatch.chdir(tmp_path)
+    store = open_store("sqlite:///data/h.db")
+    assert isinstance(store, SqliteStore)
+    assert store.path == Path("data/h.db")
+    assert not (tmp_path / "data").exists(), "building the store touches no disk"
+
+    for url in ("postgresql://u@h/db", "postgres://u@h/db", "postgresql:///db?host=/run/pg"):
+        with pytest.raises(ConfigError, match="PostgreSQL store is not available") as info:
+            open_store(url)
+        assert info.value.variable == "DATABASE_URL"
+    for url in ("sqlite:///:memory:", "sqlite://host/x.db", "sqlite:///", "mysql://x", "x.db"):
+        with pytest.raises(ConfigError):
+            open_store(url)
+    with pytest.raises(ConfigError):
+        open_store("sqlite:///x.db?mode=ro")
+
+
+async def test_leases_of_a_dead_process_are_void_at_open(tmp_path: Path) -> None:
+    """One process per SQLite file: at open, work a crashed process held is due at once."""
+    from app.store.base import Notification
+    from app.store.sqlite import SqliteStore
+
+    path = tmp_path / "orphans.db"
+    first = SqliteStore(path)
+    await first.open()
+    await first.enqueue(Notification(brand="b", order_id=7, received_at=1000.0))
+    claimed = await first.claim_hydrations(limit=1, now=1000.0, lease_seconds=600)
+    assert len(claimed) == 1
+    await first.close()  # the process "dies" holding a lease until 1600
+
+    second = SqliteStore(path)
+    await second.open()
+    again = await second.claim_hydrations(limit=1, now=1001.0, lease_seconds=600)
+    assert [job.order_id for job in again] == [7]
+    await second.close()
