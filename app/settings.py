@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.errors import ConfigError
+from app.signing import secret_key
 
 DEFAULT_ORDER_ID_PATHS = ("data.id", "data.order_id", "order.id", "order_id", "id")
 DEFAULT_BRAND_KEY = "default"
@@ -40,6 +41,13 @@ class BrandConfig(BaseModel):
     integrator_id: str = Field(min_length=1)
     # Per-brand webhook secret; falls back to WEBHOOK_SECRET when absent.
     webhook_secret: SecretStr | None = None
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _usable_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            secret_key(value.get_secret_value())
+        return value
 
     @property
     def tenant(self) -> str:
@@ -72,6 +80,7 @@ class HttpSinkConfig(BaseModel):
         for secret in value if isinstance(value, list) else [value]:
             if not secret.get_secret_value().startswith("whsec_"):
                 raise ValueError("each http sink secret must start with 'whsec_'")
+            secret_key(secret.get_secret_value())  # ValueError names the problem
         if isinstance(value, list) and not value:
             raise ValueError("at least one secret is required")
         return value
@@ -180,8 +189,10 @@ class Settings(BaseSettings):
     @field_validator("webhook_secret")
     @classmethod
     def _webhook_secret_strength(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 8:
-            raise ValueError("must be at least 8 characters")
+        if value is not None:
+            if len(value.get_secret_value()) < 8:
+                raise ValueError("must be at least 8 characters")
+            secret_key(value.get_secret_value())  # a whsec_ secret must be valid base64
         return value
 
     @model_validator(mode="after")

@@ -1,0 +1,112 @@
+"""A circuit breaker for one sink: stop hammering a sink that keeps failing.
+
+States::
+
+    closed ──(failure_threshold consecutive failures)──► open
+    open ──(cooldown_seconds elapsed, on the next allow())──► half_open (one trial)
+    half_open ──trial succeeds──► closed
+    half_open ──trial fails──► open (a new cool-down)
+
+Only the delivery worker decides what counts: a retryable failure is a failure; a
+success, or a sink that answered with a permanent refusal, is a success.
+
+Outcomes that arrive while the breaker is open come from calls admitted before it
+opened; they do not close it early (a success) nor extend the cool-down (a failure),
+so the cool-down is predictable and exactly one trial decides.
+
+A trial whose outcome is never recorded (its caller claimed nothing, or crashed)
+would wedge the breaker half-open; after ``trial_timeout`` another trial is let
+through. Pure state and an injectable clock: no I/O, no sleeping, one event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        failure_threshold: int,
+        cooldown_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        trial_timeout: float | None = None,
+    ) -> None:
+        if failure_threshold < 1:
+            raise ValueError("failure_threshold must be >= 1")
+        if cooldown_seconds <= 0:
+            raise ValueError("cooldown_seconds must be > 0")
+        self.failure_threshold = failure_threshold
+        self.cooldown_seconds = cooldown_seconds
+        self.trial_timeout = trial_timeout if trial_timeout is not None else cooldown_seconds
+        self._clock = clock
+        self._state: BreakerState = "closed"
+        self._failures = 0
+        self._opened_until: float | None = None
+        self._trial_started: float | None = None
+
+    @property
+    def state(self) -> BreakerState:
+        """The state as of the last call; open turns half_open on the next ``allow()``."""
+        return self._state
+
+    @property
+    def opened_until(self) -> float | None:
+        """When the cool-down ends (on ``clock``'s scale) while open; None otherwise."""
+        return self._opened_until if self._state == "open" else None
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._failures
+
+    def retry_in(self) -> float:
+        """Seconds until ``allow()`` may say yes again (0 when it would now)."""
+        if self._state == "closed":
+            return 0.0
+        now = self._clock()
+        if self._state == "open":
+            return max(0.0, (self._opened_until or now) - now)
+        started = self._trial_started if self._trial_started is not None else now
+        return max(0.0, started + self.trial_timeout - now)
+
+    def allow(self) -> bool:
+        """May a call go out now? In half_open, True for one trial at a time."""
+        if self._state == "closed":
+            return True
+        now = self._clock()
+        if self._state == "open":
+            if self._opened_until is not None and now < self._opened_until:
+                return False
+            self._state = "half_open"
+            self._opened_until = None
+            self._trial_started = now
+            return True
+        # half_open: the one trial is out; let another go only if that one got lost.
+        if self._trial_started is not None and now - self._trial_started < self.trial_timeout:
+            return False
+        self._trial_started = now
+        return True
+
+    def record_success(self) -> None:
+        if self._state == "open":
+            return  # a call admitted before opening; the trial decides, not it
+        self._state = "closed"
+        self._failures = 0
+        self._trial_started = None
+
+    def record_failure(self) -> None:
+        self._failures += 1
+        if self._state == "open":
+            return  # a call admitted before opening; do not extend the cool-down
+        if self._state == "half_open" or self._failures >= self.failure_threshold:
+            self._open()
+
+    def _open(self) -> None:
+        self._state = "open"
+        self._opened_until = self._clock() + self.cooldown_seconds
+        self._trial_started = None

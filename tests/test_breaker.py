@@ -1,0 +1,157 @@
+"""The circuit breaker, driven by a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.sinks.breaker import CircuitBreaker
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def state(breaker: CircuitBreaker) -> str:
+    """Read the state afresh (a helper, so type narrowing does not carry across calls)."""
+    return breaker.state
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def open_breaker(clock: FakeClock, threshold: int = 3, cooldown: float = 30.0) -> CircuitBreaker:
+    breaker = CircuitBreaker(threshold, cooldown, clock)
+    for _ in range(threshold):
+        assert breaker.allow()
+        breaker.record_failure()
+    assert state(breaker) == "open"
+    return breaker
+
+
+def test_starts_closed_and_allows(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(3, 30.0, clock)
+    assert state(breaker) == "closed"
+    assert breaker.opened_until is None
+    assert breaker.consecutive_failures == 0
+    assert all(breaker.allow() for _ in range(10))
+
+
+def test_opens_after_threshold_consecutive_failures(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(3, 30.0, clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    assert state(breaker) == "closed"
+    assert breaker.consecutive_failures == 2
+    breaker.record_failure()
+    assert state(breaker) == "open"
+    assert breaker.opened_until == 1030.0
+    assert not breaker.allow()
+
+
+def test_a_success_resets_the_count(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(3, 30.0, clock)
+    breaker.record_failure()
+    breaker.record_failure()
+    breaker.record_success()
+    assert breaker.consecutive_failures == 0
+    breaker.record_failure()
+    breaker.record_failure()
+    assert state(breaker) == "closed"
+
+
+def test_stays_open_until_cooldown_then_lets_one_trial(clock: FakeClock) -> None:
+    breaker = open_breaker(clock)
+    clock.advance(29.9)
+    assert not breaker.allow()
+    assert state(breaker) == "open"
+    clock.advance(0.1)
+    assert breaker.allow()  # the trial
+    assert state(breaker) == "half_open"
+    assert breaker.opened_until is None
+    assert not breaker.allow()  # only one at a time
+    assert not breaker.allow()
+
+
+def test_successful_trial_closes(clock: FakeClock) -> None:
+    breaker = open_breaker(clock)
+    clock.advance(30)
+    assert breaker.allow()
+    breaker.record_success()
+    assert state(breaker) == "closed"
+    assert breaker.consecutive_failures == 0
+    assert breaker.allow()
+    assert breaker.allow()
+
+
+def test_failed_trial_reopens_for_a_new_cooldown(clock: FakeClock) -> None:
+    breaker = open_breaker(clock)
+    clock.advance(30)
+    assert breaker.allow()
+    breaker.record_failure()
+    assert state(breaker) == "open"
+    assert breaker.opened_until == clock.now + 30
+    assert not breaker.allow()
+    clock.advance(30)
+    assert breaker.allow()
+    assert state(breaker) == "half_open"
+
+
+def test_late_outcomes_while_open_change_nothing(clock: FakeClock) -> None:
+    # Calls admitted before the breaker opened finish while it is open.
+    breaker = open_breaker(clock)
+    until = breaker.opened_until
+    clock.advance(10)
+    breaker.record_success()
+    assert state(breaker) == "open"
+    breaker.record_failure()
+    assert state(breaker) == "open"
+    assert breaker.opened_until == until
+    assert not breaker.allow()
+
+
+def test_lost_trial_does_not_wedge_half_open(clock: FakeClock) -> None:
+    breaker = open_breaker(clock, cooldown=30.0)
+    clock.advance(30)
+    assert breaker.allow()  # a trial whose outcome is never recorded
+    clock.advance(29)
+    assert not breaker.allow()
+    clock.advance(1)
+    assert breaker.allow()  # a new trial after trial_timeout (default: the cool-down)
+    assert not breaker.allow()
+
+
+def test_threshold_of_one(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(1, 5.0, clock)
+    breaker.record_failure()
+    assert state(breaker) == "open"
+    clock.advance(5)
+    assert breaker.allow()
+
+
+@pytest.mark.parametrize(("threshold", "cooldown"), [(0, 1.0), (1, 0.0)])
+def test_refuses_nonsense(threshold: int, cooldown: float) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        CircuitBreaker(threshold, cooldown)
+
+
+def test_retry_in_tells_how_long_until_a_trial() -> None:
+    now = [100.0]
+    breaker = CircuitBreaker(1, 30.0, clock=lambda: now[0])
+    assert breaker.retry_in() == 0.0
+    breaker.record_failure()
+    assert breaker.state == "open"
+    now[0] = 110.0
+    assert breaker.retry_in() == 20.0
+    now[0] = 131.0
+    assert breaker.allow()
+    assert breaker.state == "half_open"
+    assert 0 < breaker.retry_in() <= 30.0  # the trial is out; another only after its timeout
