@@ -1,0 +1,234 @@
+"""``/admin/*``: dead letters, forced hydration and a status summary, for operators.
+
+Mounted only when ``ADMIN_TOKEN`` is set (without it these routes do not exist, so a
+misconfigured deployment cannot expose them). Every route needs
+``Authorization: Bearer <ADMIN_TOKEN>``, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from app import signing
+from app.errors import StoreError
+from app.logs import get_logger
+from app.runtime import Runtime, RuntimeDep
+from app.store.base import DeadLetter, DeadLetterFilter, Notification
+
+log = get_logger("app.admin")
+
+
+class AdminError(Exception):
+    """A refused admin request; rendered as JSON by the handler below."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+
+
+def require_admin(request: Request, runtime: RuntimeDep) -> None:
+    expected = runtime.config.settings.admin_token
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if (
+        expected is None
+        or scheme.lower() != "bearer"
+        or not signing.constant_time_equals(token.strip(), expected.get_secret_value())
+    ):
+        raise AdminError(401, "unauthorized", "send Authorization: Bearer <ADMIN_TOKEN>")
+
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+Mode = Literal["auto", "hydrate", "deliver"]
+Kind = Literal["hydration", "delivery"]
+
+
+def _filter(
+    brand: Annotated[str | None, Query(max_length=200)] = None,
+    sink: Annotated[str | None, Query(max_length=200)] = None,
+    reason: Annotated[str | None, Query(max_length=200)] = None,
+    kind: Kind | None = None,
+) -> DeadLetterFilter:
+    return DeadLetterFilter(brand=brand, sink=sink, reason=reason, kind=kind)
+
+
+FilterDep = Annotated[DeadLetterFilter, Depends(_filter)]
+
+
+def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
+    data = asdict(letter)
+    data["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.created_at))
+    return data
+
+
+async def _store_call(coro: Any) -> Any:
+    try:
+        return await coro
+    except StoreError as exc:
+        raise AdminError(503, "store_unavailable", str(exc)) from exc
+
+
+@router.get("/dead-letters")
+async def list_dead_letters(
+    runtime: RuntimeDep,
+    filt: FilterDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    after_id: Annotated[int | None, Query(ge=0)] = None,
+) -> dict[str, Any]:
+    page = await _store_call(runtime.store.list_dead_letters(filt, limit=limit, after_id=after_id))
+    return {
+        "items": [dead_letter_json(item) for item in page.items],
+        "total": page.total,
+        "next_cursor": page.next_cursor,
+    }
+
+
+@router.get("/dead-letters/{dead_letter_id}")
+async def show_dead_letter(dead_letter_id: int, runtime: RuntimeDep) -> dict[str, Any]:
+    letter = await _store_call(runtime.store.get_dead_letter(dead_letter_id))
+    if letter is None:
+        raise AdminError(404, "not_found", f"no dead letter {dead_letter_id}")
+    return dead_letter_json(letter)
+
+
+@router.post("/dead-letters/replay")
+async def replay_many(
+    runtime: RuntimeDep,
+    filt: FilterDep,
+    mode: Mode = "auto",
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> JSONResponse:
+    count = await _store_call(
+        runtime.store.replay_dead_letters(filt, mode=mode, now=time.time(), limit=limit)
+    )
+    _wake(runtime)
+    log.info("admin.replayed", count=count, mode=mode, **_filter_fields(filt))
+    return JSONResponse({"replayed": count}, status_code=202)
+
+
+@router.post("/dead-letters/{dead_letter_id}/replay")
+async def replay_one(dead_letter_id: int, runtime: RuntimeDep, mode: Mode = "auto") -> JSONResponse:
+    done = await _store_call(
+        runtime.store.replay_dead_letter(dead_letter_id, mode=mode, now=time.time())
+    )
+    if not done:
+        raise AdminError(404, "not_found", f"no dead letter {dead_letter_id}")
+    _wake(runtime)
+    log.info("admin.replayed", dead_letter_id=dead_letter_id, mode=mode)
+    return JSONResponse({"replayed": 1}, status_code=202)
+
+
+@router.delete("/dead-letters/{dead_letter_id}")
+async def purge_one(dead_letter_id: int, runtime: RuntimeDep) -> Response:
+    if not await _store_call(runtime.store.purge_dead_letter(dead_letter_id)):
+        raise AdminError(404, "not_found", f"no dead letter {dead_letter_id}")
+    log.info("admin.purged", dead_letter_id=dead_letter_id)
+    return Response(status_code=204)
+
+
+@router.delete("/dead-letters")
+async def purge_many(runtime: RuntimeDep, filt: FilterDep, all: bool = False) -> dict[str, int]:
+    if not all and filt == DeadLetterFilter():
+        raise AdminError(400, "filter_required", "give a filter, or all=true to purge everything")
+    count = await _store_call(runtime.store.purge_dead_letters(filt))
+    log.info("admin.purged", count=count, **_filter_fields(filt))
+    return {"purged": count}
+
+
+@router.post("/orders/{order_id}/hydrate")
+async def hydrate_order(
+    runtime: RuntimeDep,
+    order_id: Annotated[int, Path(gt=0, lt=10**18)],
+    brand: Annotated[str | None, Query(max_length=200)] = None,
+    venue_id: Annotated[int | None, Query(gt=0, lt=10**18)] = None,
+) -> JSONResponse:
+    name = brand or runtime.config.default_brand
+    if name is None or name not in runtime.config.brands:
+        raise AdminError(404, "unknown_brand", "no such brand is configured")
+    result = await _store_call(
+        runtime.store.enqueue(
+            Notification(
+                brand=name,
+                order_id=order_id,
+                received_at=time.time(),
+                venue_id=str(venue_id) if venue_id is not None else None,
+                source="admin",
+                force=True,
+            )
+        )
+    )
+    runtime.wake_hydration()
+    log.info("admin.hydrate", brand=name, order_id=order_id, job_id=result.job_id)
+    return JSONResponse(
+        {"accepted": True, "brand": name, "order_id": order_id, "job_id": result.job_id},
+        status_code=202,
+    )
+
+
+@router.get("/status")
+async def status(runtime: RuntimeDep) -> dict[str, Any]:
+    """Everything `clopos-hydrator status` shows, as JSON."""
+    await runtime.refresh_state()
+    stats = runtime.last_stats
+    queues: dict[str, Any] = {}
+    if stats is not None:
+        queues["hydration"] = asdict(stats.hydration)
+        for sink, queue in stats.deliveries.items():
+            queues[f"delivery:{sink}"] = asdict(queue)
+    dead: dict[str, int] = {}
+    for (kind, reason, sink), count in (stats.dead_letters if stats else {}).items():
+        key = f"{kind}/{reason}" + (f"/{sink}" if sink else "")
+        dead[key] = count
+    budgets = runtime.budget.state()
+    brands = {}
+    for name, brand in runtime.config.brands.items():
+        pause = runtime.paused.get(name)
+        budget = budgets.get(brand.tenant)
+        brands[name] = {
+            "tenant": brand.tenant,
+            "credentials": "paused" if pause else "accepted",
+            "paused_reason": pause.reason if pause else None,
+            "budget": asdict(budget) if budget is not None else None,
+        }
+    sinks = {
+        name: {
+            "kind": d.sink.kind,
+            "circuit": d.breaker.state,
+            "in_flight": runtime.delivery_loops[name].inflight,
+        }
+        for name, d in runtime.deliverers.items()
+    }
+    return {
+        "uptime_seconds": round(time.time() - runtime.started_at, 1),
+        "store_error": runtime.last_store_error,
+        "queues": queues,
+        "dead_letters": dead,
+        "brands": brands,
+        "sinks": sinks,
+    }
+
+
+def _wake(runtime: Runtime) -> None:
+    runtime.wake_hydration()
+    runtime.wake_deliveries()
+
+
+def _filter_fields(filt: DeadLetterFilter) -> dict[str, Any]:
+    return {k: v for k, v in asdict(filt).items() if v is not None}
+
+
+def install_error_handler(app: FastAPI) -> None:
+    @app.exception_handler(AdminError)
+    async def admin_error(request: Request, exc: AdminError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(
+            {"error": exc.error, "message": exc.message}, status_code=exc.status, headers=headers
+        )

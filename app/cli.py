@@ -1,0 +1,189 @@
+"""The command line: ``clopos-hydrator <command>`` (also ``python -m app``).
+
+Configuration errors are printed as one line naming the variable, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import uvicorn
+
+from app import cli_ops
+from app.errors import ConfigError
+from app.logs import configure_logging, get_logger
+from app.settings import Config, load_settings
+
+log = get_logger("app.cli")
+
+SANDBOX_DEFAULTS = {
+    "WEBHOOK_SECRET": "sandbox-webhook-secret",
+    "DATABASE_URL": "sqlite:///./data/sandbox.db",
+    "ADMIN_TOKEN": "sandbox-admin-token",
+}
+
+
+def _config(overrides: dict[str, Any] | None = None) -> Config:
+    return load_settings(**(overrides or {}))
+
+
+def _setup_logging(config: Config) -> None:
+    settings = config.settings
+    configure_logging(
+        fmt=settings.log_format, level=settings.log_level, secrets=config.secret_values()
+    )
+
+
+def _require_brand(config: Config) -> None:
+    if not config.brands:
+        raise ConfigError(
+            "CLOPOS_CLIENT_ID",
+            "no brand configured: set CLOPOS_CLIENT_ID, CLOPOS_CLIENT_SECRET, CLOPOS_BRAND and "
+            "CLOPOS_INTEGRATOR_ID, or CLOPOS_BRANDS_FILE",
+        )
+
+
+async def _serve(config: Config, host: str, port: int, mount: Callable[[Any], None] | None) -> int:
+    from app.runtime import Runtime
+    from app.service import create_app
+
+    runtime = Runtime(config)
+    app = create_app(config, runtime=runtime)
+    if mount is not None:
+        mount(app)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,  # our logging, configured already
+            access_log=False,  # our access line has the request id
+            # Connections get a few seconds; the runtime has its own grace after that.
+            timeout_graceful_shutdown=5,
+            proxy_headers=True,
+        )
+    )
+    exit_code = 0
+
+    def fatal(reason: str) -> None:
+        nonlocal exit_code
+        exit_code = 1
+        log.critical("service.fatal", reason=reason)
+        server.should_exit = True
+
+    runtime.on_fatal = fatal
+    await server.serve()
+    if not server.started:
+        return 1
+    return exit_code
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config()
+    _setup_logging(config)
+    _require_brand(config)
+    return asyncio.run(_serve(config, args.host, args.port, None))
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from app.sandbox import SandboxState, create_sandbox_app
+
+    for name, value in SANDBOX_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    public = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"  # noqa: S104
+    state = SandboxState()
+    overrides = {
+        "clopos_base_url": f"{public}/sandbox/open-api",
+        "clopos_client_id": "sandbox-client",
+        "clopos_client_secret": "sandbox-client-secret",
+        "clopos_brand": "sandbox",
+        "clopos_integrator_id": "sandbox-integrator",
+        "clopos_brands_file": None,
+    }
+    if sys.stderr.isatty():
+        os.environ.setdefault("LOG_FORMAT", "console")
+    config = _config(overrides)
+    _setup_logging(config)
+    secret = config.webhook_secret_for("sandbox")
+    state.notify_url = f"{public}/webhooks/clopos"
+    state.notify_token = secret
+    _print_banner(public, secret, config)
+
+    def mount(app: Any) -> None:
+        app.mount("/sandbox", create_sandbox_app(state))
+
+    return asyncio.run(_serve(config, args.host, args.port, mount))
+
+
+def _print_banner(public: str, secret: str | None, config: Config) -> None:
+    admin = config.settings.admin_token
+    lines = [
+        "=" * 72,
+        "  SANDBOX MODE: Clopos is simulated in this process. No real Clopos is called.",
+        "=" * 72,
+        f"  webhook (default brand 'sandbox'): POST {public}/webhooks/clopos",
+        f"  health / readiness / metrics:      {public}/healthz  {public}/readyz  {public}/metrics",
+        f"  simulated Clopos API:              {public}/sandbox/open-api/v2/orders/1001",
+        f"  sandbox control:                   {public}/sandbox/_sandbox/stats",
+        f"  store:                             {config.settings.database_url}",
+        "",
+        "  Try it (hydrated order 1001 with its receipt appears in this log):",
+        f"    curl -s -X POST '{public}/webhooks/clopos' \\",
+        f"      -H 'X-Webhook-Token: {secret}' -H 'Content-Type: application/json' \\",
+        '      -d \'{"event":"order.updated","data":{"id":1001}}\'',
+        "",
+        "  Change an order in the simulated Clopos and watch the update flow through:",
+        f"    curl -s -X POST '{public}/sandbox/_sandbox/orders/1002/touch'",
+    ]
+    if admin is not None:
+        lines += [
+            "",
+            "  Admin API: -H 'Authorization: Bearer <ADMIN_TOKEN>' (sandbox default:",
+            f"    {admin.get_secret_value()}), e.g. GET {public}/admin/dead-letters",
+        ]
+    lines.append("=" * 72)
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clopos-hydrator",
+        description="Receive Clopos notifications, hydrate orders, deliver them to sinks.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the service (configured from the environment)")
+    serve.add_argument("--host", default="0.0.0.0", help="interface to bind (default 0.0.0.0)")  # noqa: S104
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.set_defaults(func=cmd_serve)
+
+    sandbox = commands.add_parser(
+        "sandbox", help="run the service against a built-in simulated Clopos (no credentials)"
+    )
+    sandbox.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
+    sandbox.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sandbox.set_defaults(func=cmd_sandbox)
+
+    cli_ops.add_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"clopos-hydrator: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Delivery: send one claimed snapshot to one sink and record the outcome.
+
+Each sink has its own queue (rows keyed by sink), its own work loop and
+concurrency, and its own circuit breaker, so a sink that is down only slows itself.
+While the breaker is open the loop claims nothing for that sink; after the
+cool-down one trial delivery goes through (half-open) and decides.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from app.errors import SinkError, SinkPermanentError, SinkRetryableError
+from app.logs import get_logger
+from app.retry import RetryPolicy
+from app.sinks.base import Sink
+from app.sinks.breaker import CircuitBreaker
+from app.store.base import Delivery, Store
+
+log = get_logger("app.delivery")
+
+
+@dataclass(frozen=True)
+class DeliveryAttempt:
+    outcome: str  # delivered, retry, dead_letter, lost_lease
+    detail: str = ""
+    delay: float | None = None
+
+
+class SinkDeliverer:
+    """Delivers one sink's claimed deliveries; owns that sink's breaker."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        store: Store,
+        policy: RetryPolicy,
+        breaker: CircuitBreaker,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sink = sink
+        self.breaker = breaker
+        self._store = store
+        self._policy = policy
+        self._clock = clock
+
+    def admit(self, free: int) -> tuple[float, int]:
+        """How many deliveries the loop may claim now, or how long to wait.
+
+        Closed: as many as there are free slots. Half-open: exactly one trial.
+        Open: none, until the cool-down ends.
+        """
+        before = self.breaker.state
+        if not self.breaker.allow():
+            # A finished trial wakes the loop early; this is only the longest wait.
+            return max(0.05, self.breaker.retry_in()), 0
+        if self.breaker.state == "half_open":
+            if before == "open":
+                log.info("sink.breaker.half_open", sink=self.sink.name)
+            return 0.0, 1
+        return 0.0, free
+
+    def _record(self, *, failure: bool) -> None:
+        before = self.breaker.state
+        if failure:
+            self.breaker.record_failure()
+        else:
+            self.breaker.record_success()
+        after = self.breaker.state
+        if after != before and after in ("open", "closed"):
+            (log.warning if after == "open" else log.info)(
+                f"sink.breaker.{'opened' if after == 'open' else 'closed'}",
+                sink=self.sink.name,
+                consecutive_failures=self.breaker.consecutive_failures,
+                cooldown_s=self.breaker.cooldown_seconds,
+            )
+
+    async def run(self, delivery: Delivery) -> DeliveryAttempt:
+        structlog.contextvars.bind_contextvars(
+            brand=delivery.brand,
+            order_id=delivery.order_id,
+            delivery_id=delivery.id,
+            sink=self.sink.name,
+            attempt=delivery.attempts + 1,
+        )
+        try:
+            await self.sink.deliver(delivery)
+        except SinkError as exc:
+            return await self._failed(delivery, exc)
+        self._record(failure=False)
+        done = await self._store.complete_delivery(delivery, now=self._clock())
+        return DeliveryAttempt("delivered" if done else "lost_lease")
+
+    async def _failed(self, delivery: Delivery, exc: SinkError) -> DeliveryAttempt:
+        now = self._clock()
+        detail = exc.detail[:500]
+        if isinstance(exc, SinkPermanentError):
+            # The sink answered: it is up, so this does not count against the breaker.
+            self._record(failure=False)
+            reason = f"http_{exc.status}" if exc.status is not None else "rejected"
+            await self._store.dead_letter_delivery(delivery, reason=reason, error=detail, now=now)
+            return DeliveryAttempt("dead_letter", f"{reason}: {detail}")
+        self._record(failure=True)
+        retry_after = exc.retry_after if isinstance(exc, SinkRetryableError) else None
+        decision = self._policy.on_failure(
+            attempt=delivery.attempts + 1, age=now - delivery.created_at, retry_after=retry_after
+        )
+        if decision.action == "dead_letter":
+            await self._store.dead_letter_delivery(
+                delivery, reason=decision.reason, error=detail, now=now
+            )
+            return DeliveryAttempt("dead_letter", f"{decision.reason}: {detail}")
+        await self._store.retry_delivery(delivery, retry_at=now + decision.delay, error=detail)
+        return DeliveryAttempt("retry", detail, decision.delay)

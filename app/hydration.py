@@ -1,0 +1,178 @@
+"""Hydration: claim a due job, fetch the order from Clopos, store the snapshot.
+
+The outcome of each attempt is decided by the error's class (app/errors.py) and the
+pure retry policy (app/retry.py):
+
+==========================  ==============================================================
+fetched                     snapshot stored with one delivery per sink (or ``unchanged``)
+CloposRateLimited           back after ``retry_after``; not a failed attempt
+CloposCredentialsRejected   brand paused (readiness says so), job kept, retried slowly;
+                            not a failed attempt
+CloposUnauthorized          (a 401 despite a fresh token) backoff, like a transient error
+CloposNotFound              retried a few times over minutes, then dead letter ``not_found``
+CloposTransientError        exponential backoff with full jitter; ``gave_up`` after a day
+CloposPermanentError        dead letter ``rejected`` at once (a 4xx will not get better)
+==========================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from app.errors import (
+    CloposCredentialsRejected,
+    CloposError,
+    CloposNotFound,
+    CloposPermanentError,
+    CloposRateLimited,
+    CloposTransientError,
+    CloposUnauthorized,
+)
+from app.logs import get_logger
+from app.retry import RetryPolicy
+from app.snapshot import build_body, parse_clopos_time, snapshot_key
+from app.store.base import HydrationJob, NewSnapshot, Store
+
+log = get_logger("app.hydration")
+
+
+class OrderFetcher(Protocol):
+    """What hydration needs from Clopos (satisfied by app.clopos.CloposClient)."""
+
+    async def get_order(self, order_id: int, venue_id: str | None = None) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one attempt came to, for the canonical log line and metrics."""
+
+    outcome: str  # stored, unchanged, stale, retry, rate_limited, paused, not_found, dead_letter
+    detail: str = ""
+    delay: float | None = None
+
+
+def validate_order(order: Any, order_id: int) -> dict[str, Any]:
+    """The ``data`` object must be an order with the id we asked for."""
+    if not isinstance(order, dict):
+        raise CloposPermanentError("order data is not an object")
+    got = order.get("id")
+    if got is None or str(got) != str(order_id):
+        raise CloposPermanentError(f"asked for order {order_id}, Clopos returned id {got!r}")
+    # We asked for the receipt embed; Clopos documents data.receipt as always present
+    # then (an object, or null before there is one). Its absence means we would
+    # deliver something other than what sinks are promised.
+    if "receipt" not in order:
+        raise CloposPermanentError("order data has no receipt key despite the receipt embed")
+    return order
+
+
+def make_snapshot(job: HydrationJob, order: dict[str, Any], *, now: float) -> NewSnapshot:
+    key = snapshot_key(job.brand, job.order_id, order)
+    body = build_body(
+        key=key,
+        brand=job.brand,
+        order_id=job.order_id,
+        order=order,
+        notification_ids=list(job.notification_ids),
+        received_at=job.first_received_at,
+        hydrated_at=now,
+    )
+    return NewSnapshot(
+        key=key,
+        body=body,
+        order_updated_at=parse_clopos_time(order.get("updated_at")),
+        hydrated_at=now,
+    )
+
+
+class Hydrator:
+    """Runs one attempt of one job, end to end, and records its outcome in the store."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        fetchers: dict[str, OrderFetcher],
+        sinks: list[str],
+        policy: RetryPolicy,
+        paused_retry_seconds: float,
+        on_unauthorized: Callable[[str, CloposError], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._fetchers = fetchers
+        self._sinks = sinks
+        self._policy = policy
+        self._paused_retry = paused_retry_seconds
+        self._on_unauthorized = on_unauthorized
+        self._clock = clock
+
+    async def run(self, job: HydrationJob) -> Attempt:
+        structlog.contextvars.bind_contextvars(
+            brand=job.brand, order_id=job.order_id, job_id=job.id, attempt=job.attempts + 1
+        )
+        fetcher = self._fetchers.get(job.brand)
+        if fetcher is None:
+            return await self._dead(job, "unknown_brand", "brand is no longer configured")
+        try:
+            order = validate_order(
+                await fetcher.get_order(job.order_id, job.venue_id), job.order_id
+            )
+        except CloposError as exc:
+            return await self._failed(job, exc)
+        now = self._clock()
+        result = await self._store.complete_hydration(
+            job, make_snapshot(job, order, now=now), self._sinks, now=now
+        )
+        detail = f"version={result.version}" if result.version is not None else ""
+        return Attempt(result.outcome, detail + (" requeued" if result.requeued else ""))
+
+    async def _failed(self, job: HydrationJob, exc: CloposError) -> Attempt:
+        now = self._clock()
+        error = exc.describe()
+        if isinstance(exc, CloposRateLimited):
+            await self._retry(job, exc.retry_after, error, count=False)
+            return Attempt("rate_limited", error, exc.retry_after)
+        if isinstance(exc, CloposCredentialsRejected):
+            self._on_unauthorized(job.brand, exc)
+            await self._retry(job, self._paused_retry, error, count=False)
+            return Attempt("paused", error, self._paused_retry)
+        if isinstance(exc, CloposNotFound):
+            decision = self._policy.on_not_found(not_found_attempt=job.not_found_attempts + 1)
+            if decision.action == "dead_letter":
+                return await self._dead(job, decision.reason, error)
+            await self._retry(job, decision.delay, error, count=False, not_found=True)
+            return Attempt("not_found", error, decision.delay)
+        if isinstance(exc, CloposTransientError | CloposUnauthorized):
+            # An API 401 that survived a fresh token is not a token expiry (the client
+            # handles those): count it and back off, like any failure that may pass.
+            decision = self._policy.on_failure(
+                attempt=job.attempts + 1, age=now - job.first_received_at
+            )
+            if decision.action == "dead_letter":
+                return await self._dead(job, decision.reason, error)
+            await self._retry(job, decision.delay, error, count=True)
+            return Attempt("retry", error, decision.delay)
+        # CloposPermanentError, or any other CloposError: it will not get better by waiting.
+        # With a status, Clopos refused the request; without one, its answer was unusable.
+        return await self._dead(job, "rejected" if exc.status else "invalid_response", error)
+
+    async def _retry(
+        self, job: HydrationJob, delay: float, error: str, *, count: bool, not_found: bool = False
+    ) -> None:
+        await self._store.retry_hydration(
+            job,
+            retry_at=self._clock() + delay,
+            error=error,
+            count_attempt=count,
+            not_found=not_found,
+        )
+
+    async def _dead(self, job: HydrationJob, reason: str, error: str) -> Attempt:
+        await self._store.dead_letter_hydration(job, reason=reason, error=error, now=self._clock())
+        return Attempt("dead_letter", f"{reason}: {error}")

@@ -1,0 +1,257 @@
+"""Inbound notifications: ``POST /webhooks/clopos[/{brand}]``.
+
+Order of checks, cheapest and safest first, so hostile input is refused before it
+costs anything and never reaches Clopos:
+
+1. brand known (404), body size enforced *while reading* (413);
+2. authentication: shared token (header or query, constant time) or a Standard
+   Webhooks signature with timestamp tolerance (401);
+3. JSON object (400), usable order id and venue (422);
+4. commit to the store (503 if it cannot), then 202.
+
+Only a committed notification is acknowledged; a replayed signed message (same id
+and timestamp as one already stored) is refused with 409.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from app import signing
+from app.errors import StoreError
+from app.logs import get_logger
+from app.runtime import Runtime, RuntimeDep
+from app.store.base import Notification
+
+log = get_logger("app.ingest")
+router = APIRouter()
+
+MAX_ID_DIGITS = 18  # fits a signed 64-bit integer; Clopos ids are far shorter
+_DIGITS = re.compile(r"^[0-9]{1,18}$")
+_MSG_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
+_DEDUP_HEADERS = ("webhook-id", "idempotency-key", "x-webhook-id")
+
+
+class Rejection(Exception):
+    """An inbound request refused with a 4xx. Never leaves this module."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ParsedNotice:
+    order_id: int
+    venue_id: str | None
+
+
+# --- pure parsing ---------------------------------------------------------------------
+
+
+def _positive_id(value: Any) -> int | None:
+    """A positive integer, or a string of digits, of sane length; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 < value < 10**MAX_ID_DIGITS else None
+    if isinstance(value, str) and _DIGITS.match(value):
+        number = int(value)
+        return number if number > 0 else None
+    return None
+
+
+def _lookup(document: dict[str, Any], path: str) -> tuple[dict[str, Any], Any] | None:
+    """Follow a dotted path; return (parent object, value) when present and not null."""
+    parent: Any = None
+    node: Any = document
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        parent, node = node, node[part]
+    if node is None or not isinstance(parent, dict):
+        return None
+    return parent, node
+
+
+def parse_notice(body: bytes, paths: list[str]) -> ParsedNotice:
+    """Find the order id (first present path wins) and the venue beside it."""
+    try:
+        document = json.loads(body)
+    except RecursionError as exc:  # 20,000 levels of nesting: refused, not a crash
+        raise Rejection(400, "too_deep", "JSON nesting is too deep") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Rejection(400, "invalid_json", "body is not valid JSON") from exc
+    if not isinstance(document, dict):
+        raise Rejection(400, "not_an_object", "body must be a JSON object")
+    for path in paths:
+        found = _lookup(document, path)
+        if found is None:
+            continue
+        parent, value = found
+        order_id = _positive_id(value)
+        if order_id is None:
+            raise Rejection(
+                422, "invalid_order_id", f"{path} must be a positive integer or digit string"
+            )
+        venue_raw = parent.get("venue_id")
+        venue_id: int | None = None
+        if venue_raw is not None:
+            venue_id = _positive_id(venue_raw)
+            if venue_id is None:
+                raise Rejection(422, "invalid_venue_id", "venue_id must be a positive integer")
+        return ParsedNotice(order_id, str(venue_id) if venue_id is not None else None)
+    raise Rejection(422, "no_order_id", "no order id found at any of: " + ", ".join(paths))
+
+
+# --- request handling -----------------------------------------------------------------
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Rejection(413, "too_large", f"body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # stop reading: the rest of a hostile body is never buffered
+            raise Rejection(413, "too_large", f"body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _dedup_key(request: Request) -> str | None:
+    for header in _DEDUP_HEADERS:
+        value = request.headers.get(header)
+        if value is not None:
+            if not _MSG_ID.match(value):
+                raise Rejection(
+                    400, "invalid_message_id", f"{header} must be 1-200 printable chars"
+                )
+            return value
+    return None
+
+
+def _authenticate(request: Request, body: bytes, secret: str | None, tolerance: int) -> int | None:
+    """Return the signed timestamp for a signature, None for a token (or no auth)."""
+    if secret is None:  # WEBHOOK_ALLOW_UNAUTHENTICATED=true and no secret configured
+        return None
+    token = request.headers.get("x-webhook-token") or request.query_params.get("token")
+    if token is not None:
+        if not signing.constant_time_equals(token, secret):
+            raise Rejection(401, "bad_token", "invalid webhook token")
+        return None
+    signature = request.headers.get("webhook-signature")
+    if signature is None:
+        raise Rejection(
+            401, "unauthenticated", "send X-Webhook-Token or a Standard Webhooks signature"
+        )
+    try:
+        return signing.verify(
+            secret,
+            msg_id=request.headers.get("webhook-id", ""),
+            timestamp=request.headers.get("webhook-timestamp", ""),
+            signature_header=signature,
+            body=body,
+            now=time.time(),
+            tolerance_seconds=tolerance,
+        )
+    except signing.SignatureError as exc:
+        raise Rejection(401, exc.reason, "webhook signature rejected: " + exc.reason) from exc
+
+
+async def _accept(runtime: Runtime, request: Request, brand: str) -> JSONResponse:
+    config = runtime.config
+    settings = config.settings
+    if brand not in config.brands:
+        raise Rejection(404, "unknown_brand", "no such brand is configured")
+    body = await _read_body(request, settings.webhook_max_body_bytes)
+    signed_at = _authenticate(
+        request,
+        body,
+        config.webhook_secret_for(brand),
+        settings.webhook_timestamp_tolerance_seconds,
+    )
+    dedup_key = _dedup_key(request)
+    notice = parse_notice(body, settings.webhook_order_id_paths)
+    notification = Notification(
+        brand=brand,
+        order_id=notice.order_id,
+        venue_id=notice.venue_id,
+        received_at=time.time(),
+        dedup_key=dedup_key,
+        signed_at=signed_at,
+    )
+    try:
+        result = await runtime.store.enqueue(notification)
+    except StoreError as exc:
+        log.error(
+            "webhook.store_unavailable", brand=brand, order_id=notice.order_id, error=str(exc)
+        )
+        runtime.metrics.rejected.labels("store_unavailable").inc()
+        return JSONResponse(
+            {"error": "store_unavailable", "message": "could not store the notification; retry"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+    if result.duplicate and signed_at is not None and result.previous_signed_at == signed_at:
+        raise Rejection(409, "replayed", "this signed message was already received")
+    outcome = "duplicate" if result.duplicate else "coalesced" if result.coalesced else "new"
+    runtime.metrics.accepted.labels(brand, outcome).inc()
+    if not result.duplicate:
+        runtime.wake_hydration()
+    log.info(
+        "webhook.accepted",
+        brand=brand,
+        order_id=notice.order_id,
+        venue_id=notice.venue_id,
+        notification_id=result.notification_id,
+        job_id=result.job_id,
+        outcome=outcome,
+    )
+    return JSONResponse(
+        {
+            "accepted": True,
+            "brand": brand,
+            "order_id": notice.order_id,
+            "notification_id": result.notification_id,
+            "duplicate": result.duplicate,
+            "coalesced": result.coalesced,
+        },
+        status_code=202,
+    )
+
+
+async def _handle(runtime: Runtime, request: Request, brand: str | None) -> JSONResponse:
+    route = "default" if brand is None else "brand"
+    runtime.metrics.received.labels(route).inc()
+    try:
+        if brand is None:
+            if runtime.config.default_brand is None:
+                raise Rejection(404, "unknown_brand", "no default brand is configured")
+            brand = runtime.config.default_brand
+        return await _accept(runtime, request, brand)
+    except Rejection as exc:
+        runtime.metrics.rejected.labels(exc.reason).inc()
+        log.info("webhook.rejected", brand=brand, status=exc.status, reason=exc.reason)
+        return JSONResponse({"error": exc.reason, "message": exc.message}, status_code=exc.status)
+
+
+@router.post("/webhooks/clopos", status_code=202)
+async def webhook_default(request: Request, runtime: RuntimeDep) -> JSONResponse:
+    return await _handle(runtime, request, None)
+
+
+@router.post("/webhooks/clopos/{brand}", status_code=202)
+async def webhook_brand(brand: str, request: Request, runtime: RuntimeDep) -> JSONResponse:
+    return await _handle(runtime, request, brand)

@@ -1,0 +1,355 @@
+"""The running service: store, Clopos clients, sinks and the background loops.
+
+Built once from the :class:`~app.settings.Config` and started by the FastAPI
+lifespan (app/service.py). Routes reach it through the ``RuntimeDep`` dependency.
+Background loops are supervised: if one dies of an unexpected error, the process is
+asked to stop (a crashed worker behind a live HTTP endpoint would ack notifications
+that nothing processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Annotated
+
+import httpx
+from fastapi import Depends, Request
+
+from app.clopos import CloposClient, LocalRateBudget, make_http_client
+from app.delivery import SinkDeliverer
+from app.errors import CloposCredentialsRejected, CloposError, StoreError
+from app.hydration import Hydrator
+from app.logs import REDACTOR, get_logger
+from app.metrics import Metrics, SinkState, UpstreamState
+from app.retry import RetryPolicy
+from app.settings import Config, HttpSinkConfig
+from app.sinks.base import Sink
+from app.sinks.breaker import CircuitBreaker
+from app.sinks.http import HttpSink
+from app.sinks.log import LogSink
+from app.store import open_store
+from app.store.base import Delivery, HydrationJob, QueueStats, Store, StoreStats
+from app.workers import WorkLoop
+
+log = get_logger("app.runtime")
+PRUNE_INTERVAL_SECONDS = 3600.0
+
+
+@dataclass
+class BrandPause:
+    since: float
+    reason: str
+    next_probe: float
+
+
+def build_sinks(config: Config) -> list[Sink]:
+    sinks: list[Sink] = []
+    for name, sink_config in zip(config.sink_names, config.settings.sinks, strict=True):
+        if isinstance(sink_config, HttpSinkConfig):
+            sinks.append(HttpSink(name, sink_config))
+        else:
+            sinks.append(LogSink(name, concurrency=sink_config.concurrency))
+    return sinks
+
+
+class Runtime:
+    def __init__(self, config: Config, *, store: Store | None = None) -> None:
+        self.config = config
+        settings = config.settings
+        self.store: Store = store or open_store(settings.database_url)
+        self.metrics = Metrics()
+        self.started_at = time.time()
+        self.policy = RetryPolicy(
+            base=settings.retry_base_seconds,
+            cap=settings.retry_max_seconds,
+            give_up_after=settings.retry_give_up_seconds,
+            not_found_attempts=settings.not_found_max_attempts,
+            not_found_base=settings.not_found_retry_seconds,
+        )
+        self.http: httpx.AsyncClient = make_http_client(
+            timeout=settings.clopos_timeout_seconds,
+            max_connections=settings.clopos_max_connections,
+        )
+        self.budget = LocalRateBudget(settings.clopos_rate_limit_per_minute)
+        self.clients: dict[str, CloposClient] = {
+            name: CloposClient(
+                brand, base_url=settings.clopos_base_url, http=self.http, budget=self.budget
+            )
+            for name, brand in config.brands.items()
+        }
+        self.paused: dict[str, BrandPause] = {}
+        self.sinks = build_sinks(config)
+        self.deliverers = {
+            sink.name: SinkDeliverer(
+                sink,
+                store=self.store,
+                policy=self.policy,
+                breaker=self._breaker_for(index),
+            )
+            for index, sink in enumerate(self.sinks)
+        }
+        self.hydrator = Hydrator(
+            store=self.store,
+            fetchers=dict(self.clients),
+            sinks=[s.name for s in self.sinks],
+            policy=self.policy,
+            paused_retry_seconds=settings.paused_brand_retry_seconds,
+            on_unauthorized=self.pause_brand,
+        )
+        self.hydration_loop: WorkLoop[HydrationJob] = WorkLoop(
+            "hydration",
+            claim=self._claim_hydrations,
+            process=self._hydrate,
+            release=self.store.release_hydration,
+            concurrency=settings.hydration_concurrency,
+        )
+        self.delivery_loops: dict[str, WorkLoop[Delivery]] = {
+            name: self._delivery_loop(deliverer) for name, deliverer in self.deliverers.items()
+        }
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.on_fatal: Callable[[str], None] = lambda reason: None
+        self.last_stats: StoreStats | None = None
+        self.last_store_error: str | None = None
+
+    def _breaker_for(self, index: int) -> CircuitBreaker:
+        sink_config = self.config.settings.sinks[index]
+        if isinstance(sink_config, HttpSinkConfig):
+            return CircuitBreaker(
+                sink_config.breaker_failures, sink_config.breaker_cooldown_seconds
+            )
+        return CircuitBreaker(5, 30.0)
+
+    def _delivery_loop(self, deliverer: SinkDeliverer) -> WorkLoop[Delivery]:
+        name = deliverer.sink.name
+        settings = self.config.settings
+        timeout = getattr(deliverer.sink, "timeout_seconds", 15.0)
+        lease = max(settings.lease_seconds, 2 * float(timeout) + 5)
+
+        async def claim(limit: int) -> list[Delivery]:
+            return await self.store.claim_deliveries(
+                sink=name, limit=limit, now=time.time(), lease_seconds=lease
+            )
+
+        async def process(delivery: Delivery) -> None:
+            started = time.monotonic()
+            attempt = await deliverer.run(delivery)
+            elapsed = time.monotonic() - started
+            self.metrics.deliveries.labels(name, attempt.outcome).inc()
+            self.metrics.delivery_seconds.labels(name).observe(elapsed)
+            if attempt.outcome == "delivered":
+                self.metrics.delivery_latency.labels(name).observe(
+                    max(0.0, time.time() - delivery.first_received_at)
+                )
+            if attempt.outcome == "dead_letter":
+                self.metrics.dead_lettered.labels("delivery", attempt.detail.split(":")[0]).inc()
+            log_method = log.info if attempt.outcome == "delivered" else log.warning
+            log_method(
+                "delivery.finished",
+                outcome=attempt.outcome,
+                webhook_id=delivery.snapshot_key,
+                version=delivery.version,
+                duration_ms=round(elapsed * 1000, 1),
+                retry_in_s=round(attempt.delay, 1) if attempt.delay is not None else None,
+                detail=attempt.detail or None,
+            )
+
+        return WorkLoop(
+            f"delivery:{name}",
+            claim=claim,
+            process=process,
+            release=self.store.release_delivery,
+            concurrency=deliverer.sink.concurrency,
+            admit=deliverer.admit,
+        )
+
+    # --- hydration ---
+
+    async def _claim_hydrations(self, limit: int) -> list[HydrationJob]:
+        return await self.store.claim_hydrations(
+            limit=limit,
+            now=time.time(),
+            lease_seconds=self.config.settings.lease_seconds,
+            exclude_brands=frozenset(self.paused),
+        )
+
+    async def _hydrate(self, job: HydrationJob) -> None:
+        started = time.monotonic()
+        attempt = await self.hydrator.run(job)
+        elapsed = time.monotonic() - started
+        self.metrics.hydrations.labels(job.brand, attempt.outcome).inc()
+        if attempt.outcome in ("stored", "unchanged", "stale"):
+            self.metrics.hydration_seconds.labels(job.brand).observe(elapsed)
+            self.metrics.hydration_latency.labels(job.brand).observe(
+                max(0.0, time.time() - job.first_received_at)
+            )
+        if attempt.outcome == "stored":
+            self.wake_deliveries()
+        if attempt.outcome == "dead_letter":
+            self.metrics.dead_lettered.labels("hydration", attempt.detail.split(":")[0]).inc()
+        quiet = attempt.outcome in ("stored", "unchanged")
+        (log.info if quiet else log.warning)(
+            "hydration.finished",
+            outcome=attempt.outcome,
+            notifications=len(job.notification_ids),
+            duration_ms=round(elapsed * 1000, 1),
+            retry_in_s=round(attempt.delay, 1) if attempt.delay is not None else None,
+            detail=attempt.detail or None,
+        )
+
+    def wake_hydration(self) -> None:
+        self.hydration_loop.wake()
+
+    def wake_deliveries(self) -> None:
+        for loop in self.delivery_loops.values():
+            loop.wake()
+
+    # --- brand pauses ---
+
+    def pause_brand(self, brand: str, exc: CloposError) -> None:
+        if brand in self.paused:
+            return
+        now = time.time()
+        reason = (
+            "credentials_rejected"
+            if isinstance(exc, CloposCredentialsRejected)
+            else ("unauthorized")
+        )
+        self.paused[brand] = BrandPause(
+            since=now,
+            reason=f"{reason}: {exc.describe()}",
+            next_probe=now + self.config.settings.paused_brand_retry_seconds,
+        )
+        log.error("brand.paused", brand=brand, reason=reason, error=exc.describe())
+
+    async def _probe_paused_brands(self) -> None:
+        """Every few minutes, try to authenticate each paused brand; resume on success."""
+        while not self._stopping:
+            now = time.time()
+            for brand, pause in list(self.paused.items()):
+                if now < pause.next_probe:
+                    continue
+                try:
+                    await self.clients[brand].authenticate()
+                except CloposError as exc:
+                    pause.next_probe = now + self.config.settings.paused_brand_retry_seconds
+                    log.warning("brand.still_paused", brand=brand, error=exc.describe())
+                    continue
+                del self.paused[brand]
+                log.info("brand.resumed", brand=brand)
+                self.wake_hydration()
+            await asyncio.sleep(1.0)
+
+    # --- upkeep ---
+
+    async def _prune_forever(self) -> None:
+        retention = self.config.settings.retention_hours * 3600
+        while not self._stopping:
+            try:
+                result = await self.store.prune(older_than=time.time() - retention)
+                if result.total:
+                    log.info("store.pruned", **result.__dict__)
+            except StoreError as exc:
+                log.error("store.prune_failed", error=str(exc))
+            await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
+
+    async def refresh_state(self) -> None:
+        """Read queue stats and component states for /metrics and /readyz."""
+        try:
+            stats = await self.store.stats(now=time.time())
+            # The store lists only sinks with work; show every configured sink, idle ones at 0.
+            idle = QueueStats(pending=0, running=0, oldest_pending_age=None)
+            deliveries = {name: stats.deliveries.get(name, idle) for name in self.deliverers}
+            self.last_stats = replace(stats, deliveries=deliveries)
+            self.last_store_error = None
+        except StoreError as exc:
+            self.last_store_error = str(exc)
+        budgets = self.budget.state()
+        upstream = []
+        for brand, client in self.clients.items():
+            tenant = self.config.brands[brand].tenant
+            budget = budgets.get(tenant)
+            upstream.append(
+                UpstreamState(
+                    brand=brand,
+                    tenant=tenant,
+                    calls_by_status=dict(client.calls_by_status),
+                    auth_calls=client.auth_calls,
+                    paused=brand in self.paused,
+                    budget_limit=float(budget.limit) if budget is not None else None,
+                    budget_remaining=(
+                        float(budget.remaining)
+                        if budget is not None and budget.remaining is not None
+                        else None
+                    ),
+                )
+            )
+        self.metrics.state.store = self.last_stats
+        self.metrics.state.upstream = upstream
+        self.metrics.state.sinks = [
+            SinkState(name, d.breaker.state) for name, d in self.deliverers.items()
+        ]
+
+    # --- lifecycle ---
+
+    def loops_alive(self) -> dict[str, bool]:
+        loops = {"hydration": self.hydration_loop.alive}
+        loops.update({name: loop.alive for name, loop in self.delivery_loops.items()})
+        return loops
+
+    async def start(self) -> None:
+        REDACTOR.add(*self.config.secret_values())
+        await self.store.open()
+        self._spawn("hydration", self.hydration_loop.run())
+        for name, loop in self.delivery_loops.items():
+            self._spawn(f"delivery:{name}", loop.run())
+        self._spawn("prune", self._prune_forever())
+        self._spawn("brand-probe", self._probe_paused_brands())
+        log.info(
+            "service.started",
+            brands=sorted(self.config.brands),
+            sinks=[s.name for s in self.sinks],
+            store=self.config.settings.database_url.split("://")[0],
+        )
+
+    def _spawn(self, name: str, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        task.add_done_callback(self._supervise)
+        self._tasks.append(task)
+
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        if self._stopping or task.cancelled():
+            return
+        exc = task.exception()
+        log.critical("service.loop_died", loop=task.get_name(), error=repr(exc))
+        self.on_fatal(f"background loop {task.get_name()} stopped")
+
+    async def stop(self) -> None:
+        """Stop claiming, let in-flight work finish within the grace period, release the rest."""
+        self._stopping = True
+        grace = self.config.settings.shutdown_grace_seconds
+        await asyncio.gather(
+            self.hydration_loop.stop(grace),
+            *(loop.stop(grace) for loop in self.delivery_loops.values()),
+        )
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sink in self.sinks:
+            with contextlib.suppress(Exception):
+                await sink.aclose()
+        await self.http.aclose()
+        await self.store.close()
+        log.info("service.stopped")
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

@@ -1,0 +1,124 @@
+"""A leased-work loop shared by the hydration and delivery workers.
+
+One loop per queue: claim as many items as there are free slots, run each in its
+own task, and wait for a wake-up (new work) or a short poll (retries coming due,
+work from other replicas). On stop: claim nothing more, give in-flight items a grace
+period, then cancel them; a cancelled item is *released* back to the store under
+``asyncio.shield`` so its outcome is never lost to cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+import structlog
+
+from app.errors import StoreError
+from app.logs import get_logger
+
+T = TypeVar("T")
+log = get_logger("app.workers")
+
+
+class WorkLoop(Generic[T]):
+    def __init__(
+        self,
+        name: str,
+        *,
+        claim: Callable[[int], Awaitable[list[T]]],
+        process: Callable[[T], Awaitable[None]],
+        release: Callable[[T], Awaitable[object]],
+        concurrency: int,
+        poll_seconds: float = 1.0,
+        admit: Callable[[int], tuple[float, int]] | None = None,
+    ) -> None:
+        """``admit(free)`` returns (seconds to wait, how many to claim now): the hook a
+        circuit breaker uses to hold a sink's loop, or let a single trial through."""
+        self.name = name
+        self._claim = claim
+        self._process = process
+        self._release = release
+        self._concurrency = concurrency
+        self._poll = poll_seconds
+        self._admit = admit
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.alive = False
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim and dispatch until stopped. Store outages are waited out, not fatal."""
+        self.alive = True
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                free = self._concurrency - len(self._inflight)
+                if free <= 0:
+                    await self._sleep(self._poll)
+                    continue
+                wait, free = self._admit(free) if self._admit is not None else (0.0, free)
+                if free <= 0:
+                    await self._sleep(wait if wait > 0 else self._poll)
+                    continue
+                try:
+                    items = await self._claim(free)
+                    failures = 0
+                except StoreError as exc:
+                    failures += 1
+                    log.error("worker.claim_failed", worker=self.name, error=str(exc))
+                    await self._sleep(min(30.0, 0.5 * 2**failures))
+                    continue
+                for item in items:
+                    task = asyncio.create_task(self._run_one(item), name=f"{self.name}-item")
+                    self._inflight.add(task)
+                    task.add_done_callback(self._done)
+                if not items:
+                    await self._sleep(self._poll)
+        finally:
+            self.alive = False
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()  # a slot is free
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+
+    async def _run_one(self, item: T) -> None:
+        structlog.contextvars.clear_contextvars()
+        try:
+            await self._process(item)
+        except asyncio.CancelledError:
+            with contextlib.suppress(StoreError):
+                await asyncio.shield(self._release(item))
+            raise
+        except StoreError as exc:
+            # The lease will expire and the item will be claimed again: nothing is lost.
+            log.error("worker.store_error", worker=self.name, error=str(exc))
+        except Exception:
+            # Supervisor boundary: a bug in one item must not kill the loop; its lease
+            # expires and it is retried, and each crash is logged with its traceback.
+            log.exception("worker.item_crashed", worker=self.name)
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming, let in-flight work finish for ``grace`` s, then cancel it."""
+        self._stopping.set()
+        self._wake.set()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=grace)
+        for task in list(self._inflight):
+            task.cancel()
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
