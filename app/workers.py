@@ -101,8 +101,11 @@ class WorkLoop(Generic[T]):
         try:
             await self._process(item)
         except asyncio.CancelledError:
+            # Shutdown past the grace period: give the item back so it is due at once,
+            # and shield the write so the cancellation cannot lose it.
             with contextlib.suppress(StoreError):
                 await asyncio.shield(self._release(item))
+                log.warning("worker.released", worker=self.name)
             raise
         except StoreError as exc:
             # The lease will expire and the item will be claimed again: nothing is lost.

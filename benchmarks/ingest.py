@@ -21,22 +21,22 @@ import time
 from pathlib import Path
 
 import aiohttp
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import ServerThread, free_port  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 SECRET = "bench-webhook-secret"
 
 
 def start(cmd: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    """Start a server process and wait until its port answers HTTP (any status)."""
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 30
-    import httpx
-
     while time.monotonic() < deadline:
         try:
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
@@ -80,17 +80,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    from app.sandbox import SandboxState, create_sandbox_app
-
-    sandbox = ServerThread(
-        create_sandbox_app(SandboxState(seed_orders=300, tenant_limit_per_minute=100_000))
-    ).start()
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    service_port, bare_port = free_port(), free_port()
+    service_port, bare_port, sandbox_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "CLOPOS_BASE_URL": f"{sandbox.url}/open-api",
+        "CLOPOS_BASE_URL": f"http://127.0.0.1:{sandbox_port}/open-api",
         "CLOPOS_CLIENT_ID": "sandbox-client",
         "CLOPOS_CLIENT_SECRET": "sandbox-client-secret",
         "CLOPOS_BRAND": "sandbox",
@@ -100,25 +95,19 @@ def main() -> None:
         "DATABASE_URL": f"sqlite:///{tmp / 'bench.db'}",
         "LOG_LEVEL": "warning",
     }
+    uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--log-level", "warning"]
+    # The sandbox gets its own process: in the load generator's it would steal its CPU
+    # during the service's rounds only (the service hydrates; the bare endpoint does not).
+    sandbox = start(
+        [*uvicorn, "benchmarks.sandbox_app:app", "--port", str(sandbox_port)], env, sandbox_port
+    )
     service = start(
         [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(service_port)],
         env,
         service_port,
     )
     bare = start(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "benchmarks.bare_app:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(bare_port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
+        [*uvicorn, "benchmarks.bare_app:app", "--port", str(bare_port), "--no-access-log"],
         env,
         bare_port,
     )
@@ -146,11 +135,9 @@ def main() -> None:
         ratio = statistics.median(results["service"]) / statistics.median(results["bare"])
         print(f"  service / bare throughput ratio: {ratio:.2f}")
     finally:
-        service.terminate()
-        bare.terminate()
-        service.wait(timeout=30)
-        bare.wait(timeout=30)
-        sandbox.stop()
+        for proc in (service, bare, sandbox):
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 if __name__ == "__main__":

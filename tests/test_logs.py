@@ -1,0 +1,72 @@
+"""The log redactor: secrets never reach a log line, whichever way they travel."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import structlog
+
+from app.logs import MASK, configure_logging, get_logger
+
+SECRETS = ["client-secret-value-1", "webhook-secret-value", "admin-token-0123456789"]
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXZhbHVl"
+
+
+@pytest.fixture
+def captured() -> io.StringIO:
+    stream = io.StringIO()
+    configure_logging(fmt="json", level="debug", secrets=SECRETS, stream=stream)
+    yield stream
+    structlog.contextvars.clear_contextvars()
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_known_secrets_are_masked_everywhere(captured: io.StringIO) -> None:
+    log = get_logger("test")
+    structlog.contextvars.bind_contextvars(request_id="r1")
+    log.info("event.one", detail=f"auth failed for {SECRETS[0]}", nested={"x": [SECRETS[1]]})
+    log.info("event.two", url=f"http://h/webhooks/clopos?token={SECRETS[1]}&a=1")
+    log.info("event.three", header=f"Bearer {SECRETS[2]}", token_value="anything")
+    log.info("event.four", note=f"got {JWT} back", sink_secret="whsec_c2VjcmV0c2VjcmV0")
+    try:
+        raise ValueError(f"boom {SECRETS[0]}")
+    except ValueError:
+        log.exception("event.five")
+    logging.getLogger("uvicorn.error").warning("stdlib says %s", SECRETS[2])
+    text = captured.getvalue()
+    for secret in [*SECRETS, JWT, "whsec_c2VjcmV0c2VjcmV0"]:
+        assert secret not in text
+    assert text.count(MASK) >= 8
+    events = lines(captured)
+    assert [e["event"] for e in events][:5] == [
+        "event.one",
+        "event.two",
+        "event.three",
+        "event.four",
+        "event.five",
+    ]
+    assert events[0]["request_id"] == "r1"  # context survives redaction
+    assert events[1]["url"] == f"http://h/webhooks/clopos?token={MASK}&a=1"
+    assert events[2]["token_value"] == MASK  # secret-looking key, unknown value
+
+
+def test_harmless_values_are_left_alone(captured: io.StringIO) -> None:
+    get_logger("test").info("hydration.finished", order_id=1001, attempt=2, outcome="stored")
+    (event,) = lines(captured)
+    assert (event["order_id"], event["attempt"], event["outcome"]) == (1001, 2, "stored")
+    assert event["level"] == "info"
+    assert event["logger"] == "test"
+
+
+def test_console_format_is_also_redacted() -> None:
+    stream = io.StringIO()
+    configure_logging(fmt="console", level="info", secrets=SECRETS, stream=stream)
+    get_logger("test").info("event", detail=SECRETS[0])
+    assert SECRETS[0] not in stream.getvalue()
+    assert "event" in stream.getvalue()
