@@ -12,6 +12,8 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from app.clopos.timestamps import parse_clopos_datetime
+
 EVENT_TYPE = "order.hydrated"
 
 
@@ -34,20 +36,9 @@ def iso(ts: float) -> str:
 
 
 def parse_clopos_time(value: Any) -> float | None:
-    """Clopos pages disagree on formats: ``2026-02-02T17:46:02.000000Z`` and
-    ``2025-08-18 13:44:10`` both appear. Both are read as UTC; anything else is None."""
-    if not isinstance(value, str) or not value or len(value) > 64:
-        return None
-    text = value.strip().replace(" ", "T", 1)
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+    """A Clopos timestamp as epoch seconds (for the freshness guard), or None."""
+    parsed = parse_clopos_datetime(value)
+    return parsed.timestamp() if parsed is not None else None
 
 
 def build_body(

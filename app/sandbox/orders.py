@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
+from app.clopos.timestamps import parse_clopos_datetime
+
 MAX_LIST_LIMIT = 100
 DEFAULT_LIST_LIMIT = 50
 SORT_FIELDS = ("created_at", "updated_at", "id")
@@ -32,20 +34,6 @@ def iso(ts: float) -> str:
     """Clopos's timestamp format, truncated to whole seconds as the real API shows."""
     moment = datetime.fromtimestamp(math.floor(ts), UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_ts(value: object) -> datetime | None:
-    """Read ``2026-02-02T17:46:02.000000Z`` or ``2025-08-18 13:44:10`` (UTC); else None."""
-    if not isinstance(value, str) or not value:
-        return None
-    text = value.strip().replace(" ", "T", 1)
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def fill_defaults(order: Mapping[str, Any], now: float) -> dict[str, Any]:
@@ -186,7 +174,7 @@ class ListQuery:
         if self.statuses and order.get("status") not in self.statuses:
             return False
         if self.date_from or self.date_to:
-            created = parse_ts(order.get("created_at"))
+            created = parse_clopos_datetime(order.get("created_at"))
             if created is None:
                 return False
             day = created.astimezone(UTC).date()
@@ -198,7 +186,7 @@ class ListQuery:
         order_id = int(order["id"])
         if self.sort_field == "id":
             return (float(order_id), order_id)
-        moment = parse_ts(order.get(self.sort_field))
+        moment = parse_clopos_datetime(order.get(self.sort_field))
         return (moment.timestamp() if moment else -math.inf, order_id)
 
     def apply(self, orders: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:
