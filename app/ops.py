@@ -77,7 +77,7 @@ def readiness_checks(runtime: Runtime, store_check: Check) -> dict[str, Check]:
         state = deliverer.breaker.state
         checks[f"sink:{name}"] = Check(
             state == "closed",
-            "open" if state == "closed" else f"circuit {state} after repeated failures",
+            "circuit closed" if state == "closed" else f"circuit {state} after repeated failures",
         )
     checks["backlog"] = _backlog_check(runtime)
     if runtime.config.settings.webhook_secret is None and (
