@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from app.errors import StoreError
 from app.store.base import (
     CompleteResult,
     DeadLetterFilter,
@@ -99,6 +102,27 @@ async def test_duplicate_is_dropped_and_reports_the_first_signed_at(store: Store
     jobs = {job.order_id: job for job in await claim(store, now=T0 + 10) if job.brand == BRAND}
     assert jobs[7].notification_ids == (first.notification_id,)
     assert len(jobs[8].notification_ids) == 2
+
+
+async def test_a_dedup_key_reused_for_another_order_is_not_a_duplicate(store: Store) -> None:
+    first = await store.enqueue(notice(7, dedup_key="msg-1", signed_at=111))
+    other_order = await store.enqueue(notice(8, T0 + 1, dedup_key="msg-1", signed_at=111))
+    assert not other_order.duplicate, "same id, another order: a new notice, not a repeat"
+    assert other_order.notification_id is not None
+    assert other_order.job_id != first.job_id
+
+    # Repeats are still caught, and the replay evidence is per (brand, key, order).
+    repeat = await store.enqueue(notice(8, T0 + 2, dedup_key="msg-1", signed_at=222))
+    assert (repeat.duplicate, repeat.job_id, repeat.previous_signed_at) == (
+        True,
+        other_order.job_id,
+        111,
+    )
+    assert (await store.enqueue(notice(7, T0 + 3, dedup_key="msg-1"))).duplicate
+
+    jobs = {job.order_id: job for job in await claim(store, now=T0 + 10)}
+    assert jobs[7].notification_ids == (first.notification_id,)
+    assert jobs[8].notification_ids == (other_order.notification_id,)
 
 
 async def test_notices_for_a_waiting_order_coalesce_into_one_fetch(store: Store) -> None:
@@ -251,6 +275,103 @@ async def test_notice_does_not_cut_a_failure_backoff_short(store: Store) -> None
     assert len(retried.notification_ids) == 2
 
 
+async def test_notice_during_a_fetch_that_dead_letters_is_not_lost(store: Store) -> None:
+    first = await store.enqueue(notice(7))
+    job = await claim_one(store)
+    assert await store.retry_hydration(job, retry_at=T0 + 1, error="404", not_found=True)
+    job = await claim_one(store, now=T0 + 1)
+    late = await store.enqueue(notice(7, T0 + 2))  # arrives while the fetch is in flight
+    assert late.coalesced
+    assert await store.dead_letter_hydration(job, reason="not_found", error="404", now=T0 + 3)
+
+    (letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert (letter.reason, letter.attempts, letter.order_id) == ("not_found", 2, 7)
+    again = await claim_one(store, now=T0 + 3)  # due at once, not waiting for a next notice
+    assert again.id == job.id
+    assert (again.attempts, again.not_found_attempts, again.force) == (0, 0, False)
+    assert late.notification_id in again.notification_ids
+    assert first.notification_id in again.notification_ids
+    assert again.first_received_at == T0 + 2, "its age starts at the uncovered notice"
+
+
+async def test_notice_during_a_retried_fetch_is_covered_by_the_retry(store: Store) -> None:
+    await store.enqueue(notice(7))
+    job = await claim_one(store)
+    late = await store.enqueue(notice(7, T0 + 1))
+    assert await store.retry_hydration(job, retry_at=T0 + 50, error="503")
+    assert await claim(store, now=T0 + 49) == [], "an ordinary notice keeps the backoff"
+    retried = await claim_one(store, now=T0 + 50)
+    assert late.notification_id in retried.notification_ids
+    assert retried.attempts == 1
+
+
+async def test_admin_notice_cuts_a_failure_backoff_short(store: Store) -> None:
+    await store.enqueue(notice(7))
+    job = await claim_one(store)
+    await store.retry_hydration(job, retry_at=T0 + 10, error="503")
+    job = await claim_one(store, now=T0 + 10)
+    await store.retry_hydration(job, retry_at=T0 + 86_400, error="503")
+
+    admin = await store.enqueue(notice(7, T0 + 20, source="admin", force=True))
+    assert admin.coalesced
+    job = await claim_one(store, now=T0 + 20)
+    assert (job.attempts, job.not_found_attempts, job.force) == (0, 0, True)
+
+
+async def test_admin_notice_during_a_failing_fetch_cuts_its_backoff_short(store: Store) -> None:
+    await store.enqueue(notice(7))
+    job = await claim_one(store)
+    await store.retry_hydration(job, retry_at=T0 + 1, error="503")
+    job = await claim_one(store, now=T0 + 1)
+    await store.enqueue(notice(7, T0 + 2, source="admin", force=True))
+    assert await store.retry_hydration(job, retry_at=T0 + 86_400, error="503")
+
+    again = await claim_one(store, now=T0 + 3)
+    assert (again.attempts, again.force) == (0, True)
+
+
+async def test_force_does_not_survive_a_dead_letter(store: Store) -> None:
+    await hydrate(store, 7, "a")
+    await store.enqueue(notice(7, T0 + 1, source="admin", force=True))
+    forced = await claim_one(store, now=T0 + 1)
+    assert forced.force
+    assert await store.dead_letter_hydration(forced, reason="rejected", error="400", now=T0 + 2)
+
+    plain = await hydrate(store, 7, "a", now=T0 + 3)
+    assert (plain.outcome, plain.deliveries) == ("unchanged", 0), "no re-delivery"
+
+
+async def test_force_asked_during_a_dead_lettered_fetch_survives_it(store: Store) -> None:
+    await hydrate(store, 7, "a")
+    await store.enqueue(notice(7, T0 + 1))
+    job = await claim_one(store, now=T0 + 1)
+    await store.enqueue(notice(7, T0 + 2, source="admin", force=True))
+    assert await store.dead_letter_hydration(job, reason="rejected", error="400", now=T0 + 3)
+
+    again = await claim_one(store, now=T0 + 3)
+    assert again.force
+    result = await store.complete_hydration(again, snap("a"), ["http"], now=T0 + 4)
+    assert (result.outcome, result.version) == ("stored", 2)
+
+
+async def test_notices_are_all_covered_when_a_requeued_fetch_is_unchanged(store: Store) -> None:
+    await hydrate(store, 7, "a")
+    await store.enqueue(notice(7, T0 + 1))
+    job = await claim_one(store, now=T0 + 1)
+    late = await store.enqueue(notice(7, T0 + 2))
+    first = await store.complete_hydration(job, snap("a"), ["http"], now=T0 + 3)
+    assert (first.outcome, first.requeued) == ("unchanged", True)
+
+    again = await claim_one(store, now=T0 + 3)
+    assert again.notification_ids == (late.notification_id,)
+    second = await store.complete_hydration(again, snap("a"), ["http"], now=T0 + 4)
+    assert (second.outcome, second.requeued) == ("unchanged", False)
+    assert await claim(store, now=T0 + 1000) == []
+
+    newest = await store.enqueue(notice(7, T0 + 5))
+    assert (await claim_one(store, now=T0 + 5)).notification_ids == (newest.notification_id,)
+
+
 async def test_dead_lettered_job_revives_on_the_next_notice(store: Store) -> None:
     await store.enqueue(notice(7))
     job = await claim_one(store)
@@ -326,8 +447,8 @@ async def test_sink_never_receives_an_older_version_after_a_newer_one(store: Sto
     (v2,) = await deliveries(store, now=T0 + 2)
     assert await store.complete_delivery(v2, now=T0 + 3)
 
-    (letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
-    assert await store.replay_dead_letter(letter.id, now=T0 + 4)
+    # v2's delivery resolved v1's letter: nothing is left to replay backwards.
+    assert (await store.list_dead_letters(DeadLetterFilter())).total == 0
     assert await deliveries(store, now=T0 + 5) == [], "v1 after v2 would go backwards"
 
 
@@ -424,6 +545,93 @@ async def test_dead_letters_are_listed_filtered_and_paginated(store: Store) -> N
 
     assert await store.get_dead_letter(ids[0]) == everything.items[0]
     assert await store.get_dead_letter(max(ids) + 100) is None
+
+
+async def test_a_later_hydration_success_resolves_the_orders_letters(store: Store) -> None:
+    async def dead_letter(order_id: int, at: float) -> None:
+        await store.enqueue(notice(order_id, at))
+        job = await claim_one(store, now=at)
+        assert await store.dead_letter_hydration(job, reason="gave_up", error="503", now=at)
+
+    await hydrate(store, 2, "b")
+    await hydrate(store, 3, "c", updated=T0)
+    for order_id in (1, 2, 3, 4):
+        await dead_letter(order_id, T0 + 1)
+    # A success of each kind: stored (1), unchanged (2), stale (3). Order 4 stays failed.
+    outcomes = [
+        (await hydrate(store, 1, "a", now=T0 + 2)).outcome,
+        (await hydrate(store, 2, "b", now=T0 + 3)).outcome,
+        (await hydrate(store, 3, "old", now=T0 + 4, updated=T0 - 10)).outcome,
+    ]
+    assert outcomes == ["stored", "unchanged", "stale"]
+    (left,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert left.order_id == 4
+
+
+async def test_a_later_delivery_resolves_older_delivery_letters_of_that_sink(
+    store: Store,
+) -> None:
+    await hydrate(store, 7, "v1", sinks=("http", "log"))
+    await hydrate(store, 8, "other", sinks=("http",))
+    for sink in ("http", "log"):
+        for delivery in await deliveries(store, sink):
+            await store.dead_letter_delivery(delivery, reason="rejected", error="400", now=T0)
+    await hydrate(store, 7, "v2", now=T0 + 1, sinks=("http", "log"))
+    (v2,) = await deliveries(store, "http", now=T0 + 1)
+    assert await store.complete_delivery(v2, now=T0 + 2)
+
+    left = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert sorted((x.sink, x.order_id) for x in left) == [("http", 8), ("log", 7)], (
+        "only http's letter of order 7 is resolved"
+    )
+
+
+async def test_an_older_delivery_does_not_resolve_a_newer_letter(store: Store) -> None:
+    await hydrate(store, 7, "v1")
+    (v1,) = await deliveries(store)
+    await store.dead_letter_delivery(v1, reason="rejected", error="400", now=T0 + 1)
+    await hydrate(store, 7, "v2", now=T0 + 2)
+    (v2,) = await deliveries(store, now=T0 + 2)
+    await store.dead_letter_delivery(v2, reason="rejected", error="400", now=T0 + 3)
+    v1_letter = next(
+        x
+        for x in (await store.list_dead_letters(DeadLetterFilter())).items
+        if x.delivery_id == v1.id
+    )
+    assert await store.replay_dead_letter(v1_letter.id, now=T0 + 4)
+    (again,) = await deliveries(store, now=T0 + 4)
+    assert again.version == 1
+    assert await store.complete_delivery(again, now=T0 + 5)
+
+    (left,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert left.delivery_id == v2.id, "v2 was never delivered: its letter stands"
+
+
+async def test_prune_never_lets_an_old_delivery_letter_go_out_over_a_newer_state(
+    store: Store,
+) -> None:
+    await hydrate(store, 7, "v1")
+    (v1,) = await deliveries(store)
+    await store.dead_letter_delivery(v1, reason="rejected", error="400", now=T0 + 1)
+    await hydrate(store, 7, "v2", now=T0 + 2)
+    (v2,) = await deliveries(store, now=T0 + 2)
+    assert await store.complete_delivery(v2, now=T0 + 3)
+
+    await store.prune(older_than=T0 + 10_000)
+    for letter in (await store.list_dead_letters(DeadLetterFilter())).items:
+        await store.replay_dead_letter(letter.id, mode="deliver", now=T0 + 10_000)
+    assert await deliveries(store, now=T0 + 10_001) == [], "v1 after v2 would go backwards"
+
+
+async def test_an_absurd_id_raises_store_error(store: Store) -> None:
+    absurd = 2**70  # more than any backend's integer holds
+    with pytest.raises(StoreError):
+        await store.get_dead_letter(absurd)
+    with pytest.raises(StoreError):
+        await store.replay_dead_letter(absurd, now=T0)
+    with pytest.raises(StoreError):
+        await store.purge_dead_letter(absurd)
+    await store.ping()  # and the store carries on
 
 
 async def test_replaying_a_hydration_letter_forces_a_fresh_fetch(store: Store) -> None:
@@ -574,6 +782,31 @@ async def test_stats_count_queues_ages_and_dead_letters(store: Store) -> None:
         ("hydration", "not_found", ""): 1,
         ("delivery", "rejected", "log"): 1,
     }
+
+
+async def test_stats_age_only_due_work(store: Store) -> None:
+    await store.enqueue(notice(1))
+    job = await claim_one(store)
+    await store.retry_hydration(job, retry_at=T0 + 86_400, error="503")
+    await hydrate(store, 2, "b", sinks=("http",))
+    (delivery,) = await deliveries(store)
+    await store.retry_delivery(delivery, retry_at=T0 + 86_400, error="503")
+
+    backoff_only = await store.stats(now=T0 + 100)
+    assert backoff_only.hydration == QueueStats(pending=1, running=0, oldest_pending_age=None)
+    assert backoff_only.deliveries == {
+        "http": QueueStats(pending=1, running=0, oldest_pending_age=None)
+    }
+
+    await hydrate(store, 4, "d", now=T0 + 60)  # due work: a delivery, then a notice
+    await store.enqueue(notice(3, T0 + 50))
+    stats = await store.stats(now=T0 + 100)
+    assert stats.hydration == QueueStats(pending=2, running=0, oldest_pending_age=50)
+    assert stats.deliveries["http"] == QueueStats(pending=2, running=0, oldest_pending_age=40)
+
+    due = await store.stats(now=T0 + 86_400)  # the backoffs are over: that work ages again
+    assert due.hydration.oldest_pending_age == 86_400
+    assert due.deliveries["http"].oldest_pending_age == 86_400
 
 
 async def test_latest_snapshot_body_and_ping(store: Store) -> None:

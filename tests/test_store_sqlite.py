@@ -19,7 +19,7 @@ from app.errors import ConfigError, StoreError
 from app.store import open_store, sqlite_path
 from app.store.base import DeadLetterFilter, NewSnapshot, Notification
 from app.store.sqlite import SqliteStore
-from app.store.sqlite_writer import migrate, migration_scripts
+from app.store.sqlite_writer import migrate, migration_scripts, split_statements
 
 T0 = 1_700_000_000.0
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +121,25 @@ async def test_a_failing_op_rolls_back_alone(sqlite_store: SqliteStore) -> None:
     assert (await sqlite_store.list_dead_letters(DeadLetterFilter())).total == 0, "rolled back"
     jobs = await sqlite_store.claim_hydrations(limit=50, now=T0, lease_seconds=60)
     assert len(jobs) == 20
+
+
+async def test_any_exception_of_an_op_leaves_as_store_error(sqlite_store: SqliteStore) -> None:
+    def overflow(conn: sqlite3.Connection) -> None:
+        conn.execute("SELECT :n", {"n": 2**70})
+
+    with pytest.raises(StoreError, match="OverflowError") as info:
+        await sqlite_store.run("overflow", overflow)
+    assert isinstance(info.value.__cause__, OverflowError)
+
+    deliberate = StoreError("the heartbeat row is missing")
+
+    def refuse(conn: sqlite3.Connection) -> None:
+        raise deliberate
+
+    with pytest.raises(StoreError) as refused:
+        await sqlite_store.run("refuse", refuse)
+    assert refused.value is deliberate, "a StoreError raised on purpose passes untouched"
+    await sqlite_store.ping()
 
 
 async def test_a_failed_commit_fails_every_op_of_its_batch(sqlite_store: SqliteStore) -> None:
@@ -229,6 +248,73 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
         assert sorted(recorded) == names
         assert migrate(conn) == [], "nothing left to apply"
     conn.close()
+
+
+async def test_upgrade_from_0001_keys_duplicates_per_order(tmp_path: Path) -> None:
+    """A database of the released schema (0001 only) upgrades in place, data kept."""
+    path = tmp_path / "store.db"
+    name, script = migration_scripts()[0]
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version TEXT PRIMARY KEY, applied_at REAL)")
+        for statement in split_statements(script):
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_migrations VALUES (?, 0)", (name,))
+    conn.close()
+    old = SqliteStore(path)
+    await old.open()
+    first = await old.enqueue(Notification("acme", 7, T0, dedup_key="m1", signed_at=5))
+    await old.close()
+
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        reused = await store.enqueue(Notification("acme", 8, T0, dedup_key="m1"))
+        assert not reused.duplicate
+        repeat = await store.enqueue(Notification("acme", 7, T0, dedup_key="m1", signed_at=5))
+        assert (repeat.duplicate, repeat.job_id, repeat.previous_signed_at) == (
+            True,
+            first.job_id,
+            5,
+        )
+    finally:
+        await store.close()
+
+
+async def test_prune_keeps_the_evidence_against_a_legacy_older_letter(
+    sqlite_store: SqliteStore,
+) -> None:
+    """A letter of v1 that outlived the delivery of v2 (written before later deliveries
+    resolved letters) must not be replayable over v2 once v2's record is old."""
+    store = sqlite_store
+    for version, at in ((1, T0), (2, T0 + 2)):
+        await store.enqueue(Notification("acme", 7, at))
+        (job,) = await store.claim_hydrations(limit=1, now=at, lease_seconds=60)
+        snapshot = NewSnapshot(key=f"v{version}", body=b"{}", order_updated_at=None, hydrated_at=at)
+        await store.complete_hydration(job, snapshot, ["http"], now=at)
+        (delivery,) = await store.claim_deliveries(sink="http", limit=1, now=at, lease_seconds=60)
+        if version == 1:
+            await store.dead_letter_delivery(delivery, reason="rejected", error="400", now=at)
+            v1 = delivery
+        else:
+            await store.complete_delivery(delivery, now=at)
+    assert (await store.list_dead_letters(DeadLetterFilter())).total == 0, "resolved by v2"
+
+    def legacy_letter(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO dead_letters (kind, brand, order_id, sink, reason, last_error,"
+            " attempts, created_at, delivery_id, snapshot_key)"
+            " VALUES ('delivery', 'acme', 7, 'http', 'rejected', '400', 1, ?, ?, 'v1')",
+            (T0, v1.id),
+        )
+
+    await store.run("legacy_letter", legacy_letter)
+    pruned = await store.prune(older_than=T0 + 10_000)
+    assert pruned.deliveries == 0, "v2's delivered record is the evidence; v1 has a letter"
+    (letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert await store.replay_dead_letter(letter.id, mode="deliver", now=T0 + 10_000)
+    claimed = await store.claim_deliveries(sink="http", limit=10, now=T0 + 10_000, lease_seconds=60)
+    assert claimed == [], "v1 is superseded, not sent over v2"
+    assert (await store.prune(older_than=T0 + 20_000)).deliveries == 2, "no letter: both go"
 
 
 async def test_parent_directories_are_created(tmp_path: Path) -> None:

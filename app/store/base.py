@@ -12,14 +12,18 @@ Two queues live behind it, both durable and leased:
 
 Failures that end in **dead letters**, which keep the reason, the last error and
 the attempts, and can be replayed (as a re-hydration or a re-delivery) or purged.
+A later success resolves them: a successful hydration of the order deletes its
+hydration letters, and a delivered version deletes the sink's delivery letters of
+that order up to that version (a replay of those would be superseded anyway).
 
 Every mutating call that takes a claimed record checks its ``lease_token``: if the
 lease expired and someone else claimed the record meanwhile, the call returns False
 and changes nothing (the other claimant's outcome wins).
 
 Times are epoch seconds (float) passed in by the caller, so tests can drive a clock.
-Implementations raise :class:`~app.errors.StoreError` for anything the backend
-throws; nothing backend-specific leaks out.
+Implementations raise :class:`~app.errors.StoreError` for any failure, whatever the
+backend or the argument binding throws (an id too large for the backend included);
+nothing backend-specific leaks out.
 """
 
 from __future__ import annotations
@@ -40,10 +44,14 @@ class Notification:
     received_at: float
     venue_id: str | None = None
     # Sender-given message id (webhook-id / Idempotency-Key): exact repeats are dropped.
+    # A repeat is the same (brand, dedup_key, order_id); the same id for another order
+    # is a new notice.
     dedup_key: str | None = None
     # The signed timestamp when the notice carried a Standard Webhooks signature;
-    # the same dedup_key *and* signed_at again is a replay, not a retry.
+    # the same (brand, dedup_key, order_id) *and* signed_at again is a replay, not a retry.
     signed_at: int | None = None
+    # "admin" and "replay" are an operator's "now": the job is due at once even in a
+    # failure backoff, and its attempts start over.
     source: Literal["webhook", "poller", "admin", "replay"] = "webhook"
     # Forced hydrations deliver even if the state is unchanged (admin "hydrate now").
     force: bool = False
@@ -153,9 +161,18 @@ class DeadLetterPage:
 
 @dataclass(frozen=True)
 class QueueStats:
+    """Depth and age of one queue.
+
+    ``pending`` counts every pending item, those waiting in a backoff included.
+    ``oldest_pending_age`` is the seconds since the oldest notice behind *due* work:
+    pending items whose retry time has come, and running ones. Items deliberately
+    waiting in a backoff do not age the queue (one order in a day-long backoff must
+    not keep readiness red); None when no such item exists.
+    """
+
     pending: int
     running: int
-    oldest_pending_age: float | None  # seconds since the oldest waiting item's notice
+    oldest_pending_age: float | None
 
 
 @dataclass(frozen=True)
@@ -192,7 +209,12 @@ class Store(Protocol):
     # --- ingest ---
 
     async def enqueue(self, notification: Notification) -> EnqueueResult:
-        """Commit a notification (durably) and coalesce it into its order's job."""
+        """Commit a notification (durably) and coalesce it into its order's job.
+
+        A notice makes a waiting job due now unless it is in a failure backoff; an
+        operator's notice (source "admin" or "replay") makes it due now regardless and
+        resets its attempts. A notice revives a done or dead job.
+        """
 
     # --- hydration queue ---
 
@@ -214,7 +236,8 @@ class Store(Protocol):
         Skips the snapshot when it equals the latest one for the order (``unchanged``,
         unless the job is forced) or is older than it by ``order_updated_at``
         (``stale``). Supersedes older undelivered deliveries of the order on each sink.
-        Marks the job done, or due again at once if its generation moved on.
+        Marks the job done, or due again at once if its generation moved on. Any
+        outcome but ``lost_lease`` resolves (deletes) the order's hydration dead letters.
         """
 
     async def retry_hydration(
@@ -226,7 +249,11 @@ class Store(Protocol):
         count_attempt: bool = True,
         not_found: bool = False,
     ) -> bool:
-        """Put the job back, due at ``retry_at``; optionally count a (not-found) attempt."""
+        """Put the job back, due at ``retry_at``; optionally count a (not-found) attempt.
+
+        A forced notice that arrived during the fetch wins over the backoff: the job
+        stays due at once and its attempts start over.
+        """
 
     async def release_hydration(self, job: HydrationJob) -> bool:
         """Give a claimed job back untouched (shutdown): due now, no attempt counted."""
@@ -234,7 +261,13 @@ class Store(Protocol):
     async def dead_letter_hydration(
         self, job: HydrationJob, *, reason: str, error: str, now: float
     ) -> bool:
-        """End the job in a dead letter (it revives on the next notification or replay)."""
+        """End the job in a dead letter (it revives on the next notification or replay).
+
+        The force of a forced job ends here. If the job was notified again during the
+        fetch, the letter is still written but the job is due again at once, starting
+        over (attempts reset, its age from the oldest of those notices), so they are
+        not lost; a force asked during the fetch survives.
+        """
 
     # --- delivery queue ---
 
@@ -244,7 +277,9 @@ class Store(Protocol):
         """Lease due deliveries of one sink: at most one in flight per (sink, order), and
         never one older than a version the sink already received (those are superseded)."""
 
-    async def complete_delivery(self, delivery: Delivery, *, now: float) -> bool: ...
+    async def complete_delivery(self, delivery: Delivery, *, now: float) -> bool:
+        """Mark it delivered; delete this sink's delivery dead letters of the same order
+        with an older or equal version (they are superseded by what was delivered)."""
 
     async def retry_delivery(
         self, delivery: Delivery, *, retry_at: float, error: str, count_attempt: bool = True
@@ -282,7 +317,13 @@ class Store(Protocol):
     # --- upkeep and observation ---
 
     async def prune(self, *, older_than: float) -> PruneResult:
-        """Delete finished records last touched before ``older_than``."""
+        """Delete finished records last touched before ``older_than``.
+
+        Keeps what live work and dead letters need: a dead record while its letter
+        exists, and the newest delivered version of a (sink, order) while a delivery
+        letter of that (sink, order) exists, so replaying an old letter can never send
+        an older state over a newer delivered one.
+        """
 
     async def stats(self, *, now: float) -> StoreStats: ...
 

@@ -30,9 +30,10 @@ VOID_DELIVERY_LEASES = "UPDATE deliveries SET lease_until = 0 WHERE status = 'ru
 
 # --- ingest -----------------------------------------------------------------------------
 
+# Exact repeats only: a sender reusing a message id for another order sent a new notice.
 FIND_DUPLICATE = """
 SELECT job_id, signed_at FROM notifications
-WHERE brand = :brand AND dedup_key = :dedup_key
+WHERE brand = :brand AND dedup_key = :dedup_key AND order_id = :order_id
 """
 GET_JOB_BY_ORDER = "SELECT * FROM hydration_jobs WHERE brand = :brand AND order_id = :order_id"
 LATEST_SNAPSHOT_META = """
@@ -126,6 +127,11 @@ OLDEST_UNCOVERED = """
 SELECT MIN(received_at) AS oldest FROM notifications
 WHERE job_id = :job_id AND snapshot_id IS NULL
 """
+# The notices a claim did not cover (they arrived during its fetch).
+OLDEST_AFTER_CLAIM = """
+SELECT MIN(received_at) AS oldest FROM notifications
+WHERE job_id = :job_id AND snapshot_id IS NULL AND id > :after_id
+"""
 # A force asked for after the claim (a higher generation) outlives this completion.
 FINISH_JOB = """
 UPDATE hydration_jobs SET
@@ -138,10 +144,18 @@ UPDATE hydration_jobs SET
     updated_at = :now
 WHERE id = :id
 """
+# A forced notice (an operator's "hydrate now") that arrived during the failed fetch
+# outranks the backoff, as it would have right after it: the job keeps its retry_at (it
+# was due when claimed, so it is due at once) and starts over.
 RETRY_JOB = """
 UPDATE hydration_jobs SET
-    status = 'pending', retry_at = :retry_at, last_error = :error,
-    attempts = attempts + :add_attempt, not_found_attempts = not_found_attempts + :add_not_found,
+    status = 'pending', last_error = :error,
+    retry_at = CASE WHEN force_generation > claimed_generation THEN retry_at
+                    ELSE :retry_at END,
+    attempts = CASE WHEN force_generation > claimed_generation THEN 0
+                    ELSE attempts + :add_attempt END,
+    not_found_attempts = CASE WHEN force_generation > claimed_generation THEN 0
+                              ELSE not_found_attempts + :add_not_found END,
     lease_until = NULL, lease_token = NULL, updated_at = :now
 WHERE id = :id AND status = 'running' AND lease_token = :lease_token
 """
@@ -151,12 +165,21 @@ UPDATE hydration_jobs SET
     status = 'pending', lease_until = NULL, lease_token = NULL, updated_at = :now
 WHERE id = :id AND status = 'running' AND lease_token = :lease_token
 """
-DEAD_JOB = """
+# Ends a leased job: 'dead', or 'pending' and due at :retry_at when notices arrived during
+# the fetch (they are not lost). Either way it starts over, and a force survives only if
+# it was asked after the claim (as in FINISH_JOB), so a revived job does not re-deliver.
+END_JOB_FAILED = """
 UPDATE hydration_jobs SET
-    status = 'dead', last_error = :error, lease_until = NULL, lease_token = NULL,
-    pending_since = NULL, updated_at = :now
+    status = :status, retry_at = :retry_at, last_error = :error,
+    attempts = 0, not_found_attempts = 0,
+    force_generation = CASE WHEN force_generation > claimed_generation
+                            THEN force_generation ELSE 0 END,
+    lease_until = NULL, lease_token = NULL, pending_since = :pending_since, updated_at = :now
 WHERE id = :id AND status = 'running' AND lease_token = :lease_token
-RETURNING attempts, not_found_attempts
+"""
+# A later success resolves the order's hydration dead letters.
+RESOLVE_HYDRATION_LETTERS = """
+DELETE FROM dead_letters WHERE kind = 'hydration' AND brand = :brand AND order_id = :order_id
 """
 
 # --- delivery queue ---------------------------------------------------------------------
@@ -208,6 +231,16 @@ UPDATE deliveries SET
     status = 'done', delivered_at = :now, last_error = NULL,
     lease_until = NULL, lease_token = NULL, updated_at = :now
 WHERE id = :id AND status = 'running' AND lease_token = :lease_token
+RETURNING sink, brand, order_id, version
+"""
+# A delivered version resolves the sink's dead letters of that order up to it: they
+# would be superseded at claim time anyway.
+RESOLVE_DELIVERY_LETTERS = """
+DELETE FROM dead_letters
+WHERE kind = 'delivery' AND sink = :sink AND brand = :brand AND order_id = :order_id
+  AND delivery_id IN (
+    SELECT id FROM deliveries
+    WHERE sink = :sink AND brand = :brand AND order_id = :order_id AND version <= :version)
 """
 RETRY_DELIVERY = """
 UPDATE deliveries SET
@@ -287,12 +320,25 @@ DELIVERY_EXISTS = "SELECT 1 FROM deliveries WHERE id = :id"
 
 # Each prune statement deletes at most :chunk rows so one call never holds the writer
 # (and everyone's group commit) for long; the store repeats it until nothing is left.
+# A dead delivery stays while its dead letter does. The newest done delivery of a (sink,
+# order) stays while any delivery letter of that (sink, order) does: it is what the
+# claim-time "never older" check reads, so a replayed older letter is superseded rather
+# than sent over a newer delivered state.
 PRUNE_DELIVERIES = """
 DELETE FROM deliveries WHERE id IN (
   SELECT id FROM deliveries AS d
   WHERE d.status IN ('done', 'superseded', 'dead') AND d.updated_at < :cutoff
     AND (d.status <> 'dead'
          OR NOT EXISTS (SELECT 1 FROM dead_letters AS dl WHERE dl.delivery_id = d.id))
+    AND (d.status <> 'done'
+         OR NOT EXISTS (
+           SELECT 1 FROM dead_letters AS dl
+           WHERE dl.kind = 'delivery' AND dl.brand = d.brand AND dl.order_id = d.order_id
+             AND dl.sink = d.sink)
+         OR EXISTS (
+           SELECT 1 FROM deliveries AS n
+           WHERE n.sink = d.sink AND n.brand = d.brand AND n.order_id = d.order_id
+             AND n.status = 'done' AND n.version > d.version))
   LIMIT :chunk
 )
 """
@@ -346,16 +392,19 @@ DELETE FROM snapshots WHERE id IN (
 
 # --- observation ------------------------------------------------------------------------
 
-# One statement per status (not a bound :status) so each reads its partial index.
+# One statement per status (not a bound :status) so each reads its partial index. Every
+# pending item counts, but only due ones (and running ones) set the age: work waiting in
+# a deliberate backoff is not a backlog.
 PENDING_JOB_STATS = """
-SELECT COUNT(*) AS n, MIN(pending_since) AS oldest FROM hydration_jobs WHERE status = 'pending'
+SELECT COUNT(*) AS n, MIN(CASE WHEN retry_at <= :now THEN pending_since END) AS oldest
+FROM hydration_jobs WHERE status = 'pending'
 """
 RUNNING_JOB_STATS = """
 SELECT COUNT(*) AS n, MIN(pending_since) AS oldest FROM hydration_jobs WHERE status = 'running'
 """
 PENDING_DELIVERY_STATS = """
-SELECT sink, COUNT(*) AS n, MIN(first_received_at) AS oldest FROM deliveries
-WHERE status = 'pending' GROUP BY sink
+SELECT sink, COUNT(*) AS n, MIN(CASE WHEN retry_at <= :now THEN first_received_at END) AS oldest
+FROM deliveries WHERE status = 'pending' GROUP BY sink
 """
 RUNNING_DELIVERY_STATS = """
 SELECT sink, COUNT(*) AS n, MIN(first_received_at) AS oldest FROM deliveries

@@ -9,7 +9,11 @@ port's (:mod:`app.store.base`); the notes here are about how they are kept:
   exactly those notices to the snapshot and requeues the job when the generation
   moved on meanwhile, so a notice during a fetch causes exactly one more fetch.
 * ``force_generation`` is the generation a forced hydration was asked at (0: none),
-  so a force that arrives during a fetch survives that fetch's completion.
+  so a force that arrives during a fetch survives that fetch's completion (or failure);
+  one asked before the claim ends with it, success or dead letter.
+* A fetch that ends in a dead letter while its generation moved on still writes the
+  letter, but the job goes back to pending (due now, starting over) for the notices
+  the fetch did not cover: the same rule as a completion.
 * ``pending_since`` is when the oldest notice not yet covered arrived; it drives the
   backlog age and the job's give-up clock (``HydrationJob.first_received_at``). A
   dead job forgets it, so a revived job does not inherit the age of the dead one.
@@ -59,6 +63,8 @@ Conn = sqlite3.Connection
 MAX_NOTIFICATION_IDS = 1000
 # Rows one prune statement deletes at most, so one prune never holds the writer long.
 PRUNE_CHUNK = 2000
+# Notices an operator sent ("hydrate now", a replay): due at once even in a backoff.
+OPERATOR_SOURCES = ("admin", "replay")
 
 
 def _token() -> str:
@@ -207,9 +213,7 @@ class SqliteStore:
 
     async def complete_delivery(self, delivery: Delivery, *, now: float) -> bool:
         params = {"id": delivery.id, "lease_token": delivery.lease_token, "now": now}
-        return await self.run(
-            "complete_delivery", lambda conn: _changed(conn, sql.COMPLETE_DELIVERY, params)
-        )
+        return await self.run("complete_delivery", lambda conn: _complete_delivery(conn, params))
 
     async def retry_delivery(
         self, delivery: Delivery, *, retry_at: float, error: str, count_attempt: bool = True
@@ -348,9 +352,13 @@ def _changed(conn: Conn, statement: str, params: dict[str, Any]) -> bool:
     return conn.execute(statement, params).rowcount == 1
 
 
-def _enqueue(conn: Conn, notice: Notification, *, replay: bool = False) -> EnqueueResult:
+def _enqueue(conn: Conn, notice: Notification) -> EnqueueResult:
     if notice.dedup_key is not None:
-        params = {"brand": notice.brand, "dedup_key": notice.dedup_key}
+        params = {
+            "brand": notice.brand,
+            "dedup_key": notice.dedup_key,
+            "order_id": notice.order_id,
+        }
         dup = conn.execute(sql.FIND_DUPLICATE, params).fetchone()
         if dup is not None:
             return EnqueueResult(
@@ -365,7 +373,7 @@ def _enqueue(conn: Conn, notice: Notification, *, replay: bool = False) -> Enque
     if job is None:
         job_id, coalesced = _insert_job(conn, notice), False
     else:
-        job_id, coalesced = job["id"], _notice_job(conn, job, notice, replay=replay)
+        job_id, coalesced = job["id"], _notice_job(conn, job, notice)
     cursor = conn.execute(
         sql.INSERT_NOTIFICATION,
         {
@@ -404,7 +412,7 @@ def _insert_job(conn: Conn, notice: Notification) -> int:
     return cursor.lastrowid
 
 
-def _notice_job(conn: Conn, job: Row, notice: Notification, *, replay: bool) -> bool:
+def _notice_job(conn: Conn, job: Row, notice: Notification) -> bool:
     """Fold a notice into an existing job; True when it joined waiting or running work."""
     now = notice.received_at
     generation = job["generation"] + 1
@@ -415,7 +423,7 @@ def _notice_job(conn: Conn, job: Row, notice: Notification, *, replay: bool) -> 
     pending_since = now if since is None else min(since, now)
     coalesced = status in ("pending", "running")
     if status == "pending":
-        if replay:  # an operator asked for it now: start over
+        if notice.source in OPERATOR_SOURCES:  # an operator asked for it now: start over
             attempts = not_found = 0
             retry_at = min(retry_at, now)
         elif attempts == 0:  # not in failure backoff: due now
@@ -525,6 +533,7 @@ def _complete_hydration(
         for sink in dict.fromkeys(sinks):  # a sink listed twice still gets one delivery
             _add_delivery(conn, order, sink, snapshot_id, last_version, job, now)
             deliveries += 1
+    conn.execute(sql.RESOLVE_HYDRATION_LETTERS, order)
     if snapshot_id is not None:
         conn.execute(
             sql.COVER_NOTIFICATIONS,
@@ -598,11 +607,31 @@ def _add_delivery(
 def _dead_letter_hydration(
     conn: Conn, job: HydrationJob, reason: str, error: str, now: float
 ) -> bool:
-    row = conn.execute(
-        sql.DEAD_JOB, {"id": job.id, "lease_token": job.lease_token, "error": error, "now": now}
-    ).fetchone()
+    row = conn.execute(sql.LEASED_JOB, {"id": job.id, "lease_token": job.lease_token}).fetchone()
     if row is None:
         return False
+    # Notices that arrived during the fetch are not covered by its failure: they get
+    # their own fetch, with a fresh give-up clock from the oldest of them.
+    requeue = row["generation"] > row["claimed_generation"]
+    pending_since: float | None = None  # a dead job forgets it
+    if requeue:
+        oldest = conn.execute(
+            sql.OLDEST_AFTER_CLAIM,
+            {"job_id": job.id, "after_id": row["claimed_notification_id"]},
+        ).fetchone()["oldest"]
+        pending_since = now if oldest is None else oldest
+    conn.execute(
+        sql.END_JOB_FAILED,
+        {
+            "id": job.id,
+            "lease_token": job.lease_token,
+            "status": "pending" if requeue else "dead",
+            "retry_at": now if requeue else row["retry_at"],
+            "pending_since": pending_since,
+            "error": error,
+            "now": now,
+        },
+    )
     _insert_dead_letter(
         conn,
         kind="hydration",
@@ -616,6 +645,14 @@ def _dead_letter_hydration(
         now=now,
         job_id=job.id,
     )
+    return True
+
+
+def _complete_delivery(conn: Conn, params: dict[str, Any]) -> bool:
+    row = conn.execute(sql.COMPLETE_DELIVERY, params).fetchone()
+    if row is None:
+        return False
+    conn.execute(sql.RESOLVE_DELIVERY_LETTERS, dict(row))
     return True
 
 
@@ -792,7 +829,7 @@ def _replay(conn: Conn, letter: Row, mode: ReplayMode, now: float) -> None:
             source="replay",
             force=True,
         )
-        _enqueue(conn, notice, replay=True)
+        _enqueue(conn, notice)
     conn.execute(sql.DELETE_DEAD_LETTER, {"id": letter["id"]})
 
 
@@ -800,7 +837,7 @@ def _stats(conn: Conn, now: float) -> StoreStats:
     def age(oldest: float | None) -> float | None:
         return None if oldest is None else max(0.0, now - oldest)
 
-    pending = conn.execute(sql.PENDING_JOB_STATS).fetchone()
+    pending = conn.execute(sql.PENDING_JOB_STATS, {"now": now}).fetchone()
     running = conn.execute(sql.RUNNING_JOB_STATS).fetchone()
     oldest_jobs = [v for v in (pending["oldest"], running["oldest"]) if v is not None]
     hydration = QueueStats(
@@ -813,15 +850,16 @@ def _stats(conn: Conn, now: float) -> StoreStats:
         ("pending", sql.PENDING_DELIVERY_STATS),
         ("running", sql.RUNNING_DELIVERY_STATS),
     ):
-        for row in conn.execute(statement):
+        for row in conn.execute(statement, {"now": now}):
             entry = per_sink.setdefault(row["sink"], {"pending": 0, "running": 0, "oldest": []})
             entry[status] = row["n"]
-            entry["oldest"].append(row["oldest"])
+            if row["oldest"] is not None:  # None: all of it waits in a backoff
+                entry["oldest"].append(row["oldest"])
     deliveries = {
         sink: QueueStats(
             pending=entry["pending"],
             running=entry["running"],
-            oldest_pending_age=age(min(entry["oldest"])),
+            oldest_pending_age=age(min(entry["oldest"], default=None)),
         )
         for sink, entry in per_sink.items()
     }

@@ -10,8 +10,10 @@ once, and only then resolves the callers' futures. So a caller's ``await`` retur
 only when its data is durable, and a burst of N writes costs one fsync, not N.
 
 * An operation that raises is rolled back to its savepoint and fails alone: its caller
-  gets the error (``sqlite3.Error`` translated to :class:`~app.errors.StoreError`),
-  the other operations of the batch still commit.
+  gets a :class:`~app.errors.StoreError` (whatever was raised, ``sqlite3.Error`` or
+  e.g. an ``OverflowError`` binding an integer SQLite cannot hold, is its cause; a
+  ``StoreError`` an operation raises on purpose passes as it is), the other operations
+  of the batch still commit.
 * If BEGIN or COMMIT fails, the whole batch is rolled back and every caller of that
   batch gets a :class:`~app.errors.StoreError`.
 
@@ -309,15 +311,20 @@ class GroupCommitWriter:
             raise _BatchAborted(f"savepoint: {exc}") from exc
         try:
             result = op.fn(conn)
+        except StoreError as exc:  # raised on purpose by the operation: already ours
+            self._rollback_savepoint(conn)
+            log.warning("store.op_failed", op=op.name, error=str(exc))
+            return None, exc
         except sqlite3.Error as exc:
             self._rollback_savepoint(conn)
             log.warning("store.op_failed", op=op.name, error=str(exc))
             return None, _store_error(f"{op.name}: {exc}", exc)
-        # The writer must outlive a bug in one operation: that caller alone gets the error.
+        # The writer must outlive a bug or a bad argument in one operation: that caller
+        # alone gets the error, and as a StoreError (only StoreError leaves the store).
         except Exception as exc:  # noqa: BLE001
             self._rollback_savepoint(conn)
             log.error("store.op_crashed", op=op.name, error=repr(exc))
-            return None, exc
+            return None, _store_error(f"{op.name}: {type(exc).__name__}: {exc}", exc)
         try:
             conn.execute("RELEASE op")
         except sqlite3.Error as exc:
