@@ -33,6 +33,11 @@ _V1SIG = re.compile(r"v1,[A-Za-z0-9+/=]{20,}")
 _QUERY_TOKEN = re.compile(r"([?&](?:token|x-token|secret)=)[^&\s\"']+", re.I)
 
 
+# Event fields holding third-party data logged as is: no key-based masking inside them
+# (an order field named like "token" is Clopos's data), but known secrets still go.
+VERBATIM_KEYS = frozenset({"body"})
+
+
 class Redactor:
     """A structlog processor that removes secrets from every event."""
 
@@ -57,7 +62,20 @@ class Redactor:
         text = _V1SIG.sub(MASK, text)
         return _QUERY_TOKEN.sub(lambda m: m.group(1) + MASK, text)
 
+    def _scrub_values(self, value: Any) -> Any:
+        """Mask known secret values only, keeping keys and structure (for data, such as a
+        delivered order, whose keys belong to Clopos and must be logged verbatim)."""
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, dict):
+            return {k: self._scrub_values(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._scrub_values(v) for v in value]
+        return value
+
     def _clean(self, key: str | None, value: Any, depth: int = 0) -> Any:
+        if key in VERBATIM_KEYS:
+            return self._scrub_values(value)
         secret_key = key is not None and _SECRET_KEYS.search(key) is not None
         if secret_key and value not in (None, "") and not isinstance(value, bool | int | float):
             return MASK
@@ -99,6 +117,7 @@ class _ScrubRenderedTraceback:
         return event_dict
 
 
+LOG_SINK_LOGGER = "app.sinks.log"
 REDACTOR = Redactor()
 """Process-wide: secrets are process-wide too, and stdlib logging is global anyway."""
 
@@ -118,10 +137,11 @@ def configure_logging(
     renderer: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-        tail: list[Any] = []
     else:
         renderer = structlog.processors.JSONRenderer()
-        tail = [structlog.processors.format_exc_info, _ScrubRenderedTraceback(REDACTOR)]
+    # Tracebacks are rendered to text *before* the renderer, then scrubbed: a renderer
+    # that formats exc_info itself would print a secret in an exception message.
+    tail: list[Any] = [structlog.processors.format_exc_info, _ScrubRenderedTraceback(REDACTOR)]
 
     structlog.configure(
         processors=[
@@ -154,6 +174,9 @@ def configure_logging(
     logging.getLogger("uvicorn.access").disabled = True
     # httpx logs every request URL at INFO; ours are logged with context instead.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # The log sink *is* a delivery: its events must pass whatever LOG_LEVEL says, or a
+    # delivery would be marked done with nothing written.
+    logging.getLogger(LOG_SINK_LOGGER).setLevel(logging.INFO)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -70,3 +70,36 @@ def test_console_format_is_also_redacted() -> None:
     get_logger("test").info("event", detail=SECRETS[0])
     assert SECRETS[0] not in stream.getvalue()
     assert "event" in stream.getvalue()
+
+
+def test_console_tracebacks_are_redacted() -> None:
+    stream = io.StringIO()
+    configure_logging(fmt="console", level="info", secrets=SECRETS, stream=stream)
+    try:
+        raise RuntimeError(f"failed with {SECRETS[1]}")
+    except RuntimeError:
+        get_logger("test").exception("event.crashed")
+    text = stream.getvalue()
+    assert "RuntimeError" in text
+    assert SECRETS[1] not in text
+
+
+def test_the_log_sink_writes_even_above_info_and_keeps_order_keys() -> None:
+    from app.sinks.log import LogSink
+    from app.store.base import Delivery
+
+    stream = io.StringIO()
+    configure_logging(fmt="json", level="warning", secrets=SECRETS, stream=stream)
+    order = {"id": 1, "integration_token": "clopos-data", "note": f"x {SECRETS[0]}"}
+    body = json.dumps({"id": "snap_1", "order": order}).encode()
+    delivery = Delivery(1, "log", 1, "snap_1", "b", 1, 1, body, 0, "lease", 0.0, 0.0)
+    get_logger("app.other").info("filtered.out")  # below LOG_LEVEL=warning
+
+    import asyncio
+
+    asyncio.run(LogSink("log").deliver(delivery))
+    (event,) = lines(stream)
+    assert event["event"] == "sink.log.order"
+    logged = event["body"]["order"]  # type: ignore[index]
+    assert logged["integration_token"] == "clopos-data"  # Clopos's field, verbatim
+    assert SECRETS[0] not in stream.getvalue()  # a known secret still never appears

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 
-from app.logs import get_logger
+from app.logs import LOG_SINK_LOGGER, get_logger
 from app.store.base import Delivery
 
-log = get_logger("app.sinks.log")
+log = get_logger(LOG_SINK_LOGGER)
 
 
 class LogSink:
