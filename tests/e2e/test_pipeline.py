@@ -190,6 +190,12 @@ def test_hostile_requests_get_4xx_and_never_reach_clopos(make_service: Any, clop
             response = client.post(url + query, headers=headers, content=body)
             assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
             assert response.json()["message"], name
+        # An unknown brand is a 401 to a stranger (no probing of brand names), and a
+        # 404 only to a caller holding the secret.
+        stranger = client.post(f"{url}/nope", content=good)
+        assert stranger.status_code == 401, stranger.text
+        insider = client.post(f"{url}/nope", headers=HEADERS, content=good)
+        assert insider.status_code == 404, insider.text
         # A replayed signed message: a valid signature, sent twice.
         from app.signing import sign
 
@@ -208,4 +214,7 @@ def test_hostile_requests_get_4xx_and_never_reach_clopos(make_service: Any, clop
     # Only the one valid signed notification reached Clopos, and only for its order.
     order_calls = [c for c in clopos.state.calls if c.path.startswith("/open-api/v2/orders")]
     assert {c.path for c in order_calls} <= {"/open-api/v2/orders/1001"}
-    assert len(order_calls) <= 1
+    assert len(order_calls) == 1  # the one valid signed notification was fetched
+    # A malformed optional idempotency header is ignored, not a reason to refuse.
+    odd = httpx.post(url, headers={**HEADERS, "Idempotency-Key": "has spaces"}, content=good)
+    assert odd.status_code == 202, odd.text
