@@ -96,6 +96,15 @@ class SinkDeliverer:
         done = await self._store.complete_delivery(delivery, now=self._clock())
         return DeliveryAttempt("delivered" if done else "lost_lease")
 
+    async def crashed(self, delivery: Delivery, exc: Exception) -> None:
+        """A bug surfaced while delivering: end it visibly, not in a retry loop."""
+        await self._store.dead_letter_delivery(
+            delivery,
+            reason="internal_error",
+            error=f"{type(exc).__name__}: {exc}"[:500],
+            now=self._clock(),
+        )
+
     async def _failed(self, delivery: Delivery, exc: SinkError) -> DeliveryAttempt:
         now = self._clock()
         detail = exc.detail[:500]

@@ -39,6 +39,7 @@ from app.snapshot import build_body, parse_clopos_time, snapshot_key
 from app.store.base import HydrationJob, NewSnapshot, Store
 
 log = get_logger("app.hydration")
+PAUSED_JOB_DELAY_SECONDS = 5.0
 
 
 class OrderFetcher(Protocol):
@@ -101,7 +102,7 @@ class Hydrator:
         sinks: list[str],
         policy: RetryPolicy,
         paused_retry_seconds: float,
-        on_unauthorized: Callable[[str, CloposError], None],
+        on_credentials_rejected: Callable[[str, CloposError], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -109,7 +110,7 @@ class Hydrator:
         self._sinks = sinks
         self._policy = policy
         self._paused_retry = paused_retry_seconds
-        self._on_unauthorized = on_unauthorized
+        self._on_credentials_rejected = on_credentials_rejected
         self._clock = clock
 
     async def run(self, job: HydrationJob) -> Attempt:
@@ -126,11 +127,17 @@ class Hydrator:
         except CloposError as exc:
             return await self._failed(job, exc)
         now = self._clock()
-        result = await self._store.complete_hydration(
-            job, make_snapshot(job, order, now=now), self._sinks, now=now
-        )
+        try:
+            snapshot = make_snapshot(job, order, now=now)
+        except ValueError as exc:  # NaN/Infinity in the order: no sink could parse it
+            return await self._dead(job, "invalid_response", f"order is not valid JSON: {exc}")
+        result = await self._store.complete_hydration(job, snapshot, self._sinks, now=now)
         detail = f"version={result.version}" if result.version is not None else ""
         return Attempt(result.outcome, detail + (" requeued" if result.requeued else ""))
+
+    async def crashed(self, job: HydrationJob, exc: Exception) -> None:
+        """A bug surfaced while processing this job: end it visibly, not in a retry loop."""
+        await self._dead(job, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
 
     async def _failed(self, job: HydrationJob, exc: CloposError) -> Attempt:
         now = self._clock()
@@ -139,9 +146,12 @@ class Hydrator:
             await self._retry(job, exc.retry_after, error, count=False)
             return Attempt("rate_limited", error, exc.retry_after)
         if isinstance(exc, CloposCredentialsRejected):
-            self._on_unauthorized(job.brand, exc)
-            await self._retry(job, self._paused_retry, error, count=False)
-            return Attempt("paused", error, self._paused_retry)
+            self._on_credentials_rejected(job.brand, exc)
+            # Claims skip a paused brand, so a short delay only means: due again as soon
+            # as the brand resumes, not a full probe interval after that.
+            delay = min(PAUSED_JOB_DELAY_SECONDS, self._paused_retry)
+            await self._retry(job, delay, error, count=False)
+            return Attempt("paused", error, delay)
         if isinstance(exc, CloposNotFound):
             decision = self._policy.on_not_found(not_found_attempt=job.not_found_attempts + 1)
             if decision.action == "dead_letter":

@@ -77,7 +77,15 @@ class Runtime:
         self.budget = LocalRateBudget(settings.clopos_rate_limit_per_minute)
         self.clients: dict[str, CloposClient] = {
             name: CloposClient(
-                brand, base_url=settings.clopos_base_url, http=self.http, budget=self.budget
+                brand,
+                base_url=settings.clopos_base_url,
+                http=self.http,
+                budget=self.budget,
+                # A remembered refusal must not outlive the probe interval, or the probe of
+                # a paused brand would only replay it and recovery would wait for it.
+                rejected_cooldown_seconds=min(60.0, settings.paused_brand_retry_seconds),
+                # Waiting for the budget must end well inside the job's lease.
+                budget_wait_limit=settings.lease_seconds / 2,
             )
             for name, brand in config.brands.items()
         }
@@ -98,13 +106,14 @@ class Runtime:
             sinks=[s.name for s in self.sinks],
             policy=self.policy,
             paused_retry_seconds=settings.paused_brand_retry_seconds,
-            on_unauthorized=self.pause_brand,
+            on_credentials_rejected=self.pause_brand,
         )
         self.hydration_loop: WorkLoop[HydrationJob] = WorkLoop(
             "hydration",
             claim=self._claim_hydrations,
             process=self._hydrate,
             release=self.store.release_hydration,
+            crashed=self.hydrator.crashed,
             concurrency=settings.hydration_concurrency,
         )
         self.delivery_loops: dict[str, WorkLoop[Delivery]] = {
@@ -163,6 +172,7 @@ class Runtime:
             claim=claim,
             process=process,
             release=self.store.release_delivery,
+            crashed=deliverer.crashed,
             concurrency=deliverer.sink.concurrency,
             admit=deliverer.admit,
         )

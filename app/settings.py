@@ -112,6 +112,8 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         case_sensitive=False,
+        # `ADMIN_TOKEN=` (as in .env.example, or `${VAR:-}` in compose) means unset.
+        env_ignore_empty=True,
     )
 
     # --- Clopos ---
@@ -146,7 +148,8 @@ class Settings(BaseSettings):
 
     # --- Workers and retries ---
     hydration_concurrency: int = Field(default=8, ge=1, le=256)
-    # Long enough to cover a wait for the tenant budget (up to a minute) plus a fetch.
+    # A claimed item not finished within this is claimed again. A fetch waits at most
+    # half of it for the tenant budget (then it is put back as rate-limited).
     lease_seconds: float = Field(default=120.0, ge=5)
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=600.0, gt=0)

@@ -17,9 +17,15 @@ from app.clopos.timestamps import parse_clopos_datetime
 EVENT_TYPE = "order.hydrated"
 
 
+def _dumps(value: Any, *, sort_keys: bool) -> bytes:
+    """Strict JSON: ASCII-escaped (a lone surrogate from upstream cannot break encoding)
+    and no NaN/Infinity, which are not JSON; raises ValueError for those."""
+    return json.dumps(value, sort_keys=sort_keys, separators=(",", ":"), allow_nan=False).encode()
+
+
 def canonical_json(value: Any) -> bytes:
-    """Deterministic JSON: sorted keys, no whitespace, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """Deterministic JSON: sorted keys, no whitespace."""
+    return _dumps(value, sort_keys=True)
 
 
 def snapshot_key(brand: str, order_id: int, order: dict[str, Any]) -> str:
@@ -62,4 +68,4 @@ def build_body(
         "received_at": iso(received_at),
         "hydrated_at": iso(hydrated_at),
     }
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return _dumps(body, sort_keys=False)

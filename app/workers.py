@@ -31,21 +31,27 @@ class WorkLoop(Generic[T]):
         claim: Callable[[int], Awaitable[list[T]]],
         process: Callable[[T], Awaitable[None]],
         release: Callable[[T], Awaitable[object]],
+        crashed: Callable[[T, Exception], Awaitable[object]],
         concurrency: int,
         poll_seconds: float = 1.0,
         admit: Callable[[int], tuple[float, int]] | None = None,
     ) -> None:
-        """``admit(free)`` returns (seconds to wait, how many to claim now): the hook a
-        circuit breaker uses to hold a sink's loop, or let a single trial through."""
+        """``release`` gives an item back untouched (shutdown); ``crashed`` records that
+        processing raised something unexpected (a bug), so the item ends visibly instead
+        of being retried forever; ``admit(free)`` returns (seconds to wait, how many to
+        claim now): the hook a circuit breaker uses to hold a sink's loop, or let a
+        single trial through."""
         self.name = name
         self._claim = claim
         self._process = process
         self._release = release
+        self._crashed = crashed
         self._concurrency = concurrency
         self._poll = poll_seconds
         self._admit = admit
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self.alive = False
 
@@ -62,11 +68,11 @@ class WorkLoop(Generic[T]):
         failures = 0
         try:
             while not self._stopping.is_set():
+                # Cleared before looking for work, so a wake() that arrives while we
+                # claim is not lost: the next sleep returns at once.
+                self._wake.clear()
                 free = self._concurrency - len(self._inflight)
-                if free <= 0:
-                    await self._sleep(self._poll)
-                    continue
-                wait, free = self._admit(free) if self._admit is not None else (0.0, free)
+                wait, free = self._admit(free) if self._admit and free > 0 else (0.0, free)
                 if free <= 0:
                     await self._sleep(wait if wait > 0 else self._poll)
                     continue
@@ -78,6 +84,9 @@ class WorkLoop(Generic[T]):
                     log.error("worker.claim_failed", worker=self.name, error=str(exc))
                     await self._sleep(min(30.0, 0.5 * 2**failures))
                     continue
+                if self._stopping.is_set():  # stop() arrived during the claim
+                    await asyncio.gather(*(self._give_back(item) for item in items))
+                    break
                 for item in items:
                     task = asyncio.create_task(self._run_one(item), name=f"{self.name}-item")
                     self._inflight.add(task)
@@ -86,39 +95,48 @@ class WorkLoop(Generic[T]):
                     await self._sleep(self._poll)
         finally:
             self.alive = False
+            self._stopped.set()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
         self._wake.set()  # a slot is free
 
     async def _sleep(self, seconds: float) -> None:
-        self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+
+    async def _give_back(self, item: T) -> None:
+        with contextlib.suppress(StoreError):
+            # Shielded: a cancellation must not lose the write that makes the item due.
+            await asyncio.shield(self._release(item))
+            log.warning("worker.released", worker=self.name)
 
     async def _run_one(self, item: T) -> None:
         structlog.contextvars.clear_contextvars()
         try:
             await self._process(item)
         except asyncio.CancelledError:
-            # Shutdown past the grace period: give the item back so it is due at once,
-            # and shield the write so the cancellation cannot lose it.
-            with contextlib.suppress(StoreError):
-                await asyncio.shield(self._release(item))
-                log.warning("worker.released", worker=self.name)
+            # Shutdown past the grace period: give the item back so it is due at once.
+            await self._give_back(item)
             raise
         except StoreError as exc:
             # The lease will expire and the item will be claimed again: nothing is lost.
             log.error("worker.store_error", worker=self.name, error=str(exc))
-        except Exception:
-            # Supervisor boundary: a bug in one item must not kill the loop; its lease
-            # expires and it is retried, and each crash is logged with its traceback.
+        except Exception as exc:
+            # Supervisor boundary: a bug in one item must not kill the loop, nor make it
+            # retry that item forever. It ends in a dead letter an operator can replay.
             log.exception("worker.item_crashed", worker=self.name)
+            with contextlib.suppress(StoreError):
+                await asyncio.shield(self._crashed(item, exc))
 
     async def stop(self, grace: float) -> None:
         """Stop claiming, let in-flight work finish for ``grace`` s, then cancel it."""
         self._stopping.set()
         self._wake.set()
+        if self.alive:
+            # A claim may be in flight: what it returns is given back by run().
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), timeout=max(grace, 1.0))
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=grace)
         for task in list(self._inflight):

@@ -216,6 +216,7 @@ class CloposClient:
         auth_burst: int = 10,
         auth_window_seconds: float = 60.0,
         rejected_cooldown_seconds: float = 60.0,
+        budget_wait_limit: float = 30.0,
     ) -> None:
         self.brand = brand
         self._base = base_url.rstrip("/")
@@ -227,6 +228,7 @@ class CloposClient:
         self._auth_burst = auth_burst
         self._auth_window = auth_window_seconds
         self._rejected_cooldown = rejected_cooldown_seconds
+        self._budget_wait_limit = budget_wait_limit
 
         self.auth_calls = 0
         self.calls_by_status: dict[str, int] = {}
@@ -331,7 +333,7 @@ class CloposClient:
         """One budgeted call. The budget is waited for *before* the token is taken, so
         a wait for the budget (up to a minute) never sends a token that expired meanwhile."""
         tenant = self.brand.tenant
-        await self._budget.acquire(tenant)
+        await self._acquire_budget(tenant)
         token = await self._ensure_token(stale)
         headers = {"x-token": token, "accept": "application/json"}
         if venue_id is not None:
@@ -349,6 +351,20 @@ class CloposClient:
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return response, token
+
+    async def _acquire_budget(self, tenant: str) -> None:
+        """Wait for the tenant budget, but not longer than ``budget_wait_limit``: a caller
+        holding a lease must not outlive it in a queue. Past the limit this is a
+        rate-limit outcome (not a failed attempt), to be tried again later."""
+        try:
+            async with asyncio.timeout(self._budget_wait_limit):
+                await self._budget.acquire(tenant)
+        except TimeoutError as exc:
+            raise CloposRateLimited(
+                f"tenant budget busy for over {self._budget_wait_limit:g} s",
+                retry_after=self._budget_wait_limit,
+                status=None,
+            ) from exc
 
     async def _send(
         self,
