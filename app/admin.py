@@ -48,6 +48,8 @@ def require_admin(request: Request, runtime: RuntimeDep) -> None:
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
 Mode = Literal["auto", "hydrate", "deliver"]
+# Ids are SQLite/PostgreSQL 64-bit integers: anything outside is a 422, not a store error.
+LetterId = Annotated[int, Path(gt=0, lt=2**63)]
 Kind = Literal["hydration", "delivery"]
 
 
@@ -92,7 +94,7 @@ async def list_dead_letters(
 
 
 @router.get("/dead-letters/{dead_letter_id}")
-async def show_dead_letter(dead_letter_id: int, runtime: RuntimeDep) -> dict[str, Any]:
+async def show_dead_letter(dead_letter_id: LetterId, runtime: RuntimeDep) -> dict[str, Any]:
     letter = await _store_call(runtime.store.get_dead_letter(dead_letter_id))
     if letter is None:
         raise AdminError(404, "not_found", f"no dead letter {dead_letter_id}")
@@ -115,7 +117,9 @@ async def replay_many(
 
 
 @router.post("/dead-letters/{dead_letter_id}/replay")
-async def replay_one(dead_letter_id: int, runtime: RuntimeDep, mode: Mode = "auto") -> JSONResponse:
+async def replay_one(
+    dead_letter_id: LetterId, runtime: RuntimeDep, mode: Mode = "auto"
+) -> JSONResponse:
     done = await _store_call(
         runtime.store.replay_dead_letter(dead_letter_id, mode=mode, now=time.time())
     )
@@ -127,7 +131,7 @@ async def replay_one(dead_letter_id: int, runtime: RuntimeDep, mode: Mode = "aut
 
 
 @router.delete("/dead-letters/{dead_letter_id}")
-async def purge_one(dead_letter_id: int, runtime: RuntimeDep) -> Response:
+async def purge_one(dead_letter_id: LetterId, runtime: RuntimeDep) -> Response:
     if not await _store_call(runtime.store.purge_dead_letter(dead_letter_id)):
         raise AdminError(404, "not_found", f"no dead letter {dead_letter_id}")
     log.info("admin.purged", dead_letter_id=dead_letter_id)

@@ -120,8 +120,15 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(config, args.host, args.port, mount))
 
 
+def _shown(value: str | None, name: str) -> str:
+    """A secret is printed only when it is the sandbox's own well-known default; one the
+    operator set stays out of the terminal (and out of anything that captures it)."""
+    return value if value is not None and value == SANDBOX_DEFAULTS[name] else f"${name}"
+
+
 def _print_banner(public: str, secret: str | None, config: Config) -> None:
     admin = config.settings.admin_token
+    admin_value = admin.get_secret_value() if admin is not None else None
     lines = [
         "=" * 72,
         "  SANDBOX MODE: Clopos is simulated in this process. No real Clopos is called.",
@@ -134,7 +141,8 @@ def _print_banner(public: str, secret: str | None, config: Config) -> None:
         "",
         "  Try it (hydrated order 1001 with its receipt appears in this log):",
         f"    curl -s -X POST '{public}/webhooks/clopos' \\",
-        f"      -H 'X-Webhook-Token: {secret}' -H 'Content-Type: application/json' \\",
+        f"      -H 'X-Webhook-Token: {_shown(secret, 'WEBHOOK_SECRET')}' "
+        "-H 'Content-Type: application/json' \\",
         '      -d \'{"event":"order.updated","data":{"id":1001}}\'',
         "",
         "  Change an order in the simulated Clopos and watch the update flow through:",
@@ -143,8 +151,8 @@ def _print_banner(public: str, secret: str | None, config: Config) -> None:
     if admin is not None:
         lines += [
             "",
-            "  Admin API: -H 'Authorization: Bearer <ADMIN_TOKEN>' (sandbox default:",
-            f"    {admin.get_secret_value()}), e.g. GET {public}/admin/dead-letters",
+            f"  Admin API: -H 'Authorization: Bearer {_shown(admin_value, 'ADMIN_TOKEN')}'",
+            f"    e.g. GET {public}/admin/dead-letters",
         ]
     lines.append("=" * 72)
     print("\n".join(lines), file=sys.stderr, flush=True)

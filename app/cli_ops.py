@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from app.errors import CloposError, ConfigError
+from app.logs import configure_logging
 from app.settings import Config, load_settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -181,6 +182,11 @@ def cmd_dlq_purge(args: argparse.Namespace) -> int:
 
 def cmd_hydrate(args: argparse.Namespace) -> int:
     config = load_settings()
+    settings = config.settings
+    # stdout is the snapshot alone (pipe it to jq); logs go to stderr, through the redactor.
+    configure_logging(
+        fmt=settings.log_format, level=settings.log_level, secrets=config.secret_values()
+    )
     return asyncio.run(_hydrate(config, args.order_id, args.brand, args.venue))
 
 
