@@ -65,6 +65,12 @@ class SinkDeliverer:
             return 0.0, 1
         return 0.0, free
 
+    def idle(self) -> None:
+        """Nothing was due for this sink: a pending half-open trial is moot."""
+        if self.breaker.state == "half_open":
+            self.breaker.trial_unused()
+            log.info("sink.breaker.closed", sink=self.sink.name, reason="nothing_to_try")
+
     def _record(self, *, failure: bool) -> None:
         before = self.breaker.state
         if failure:

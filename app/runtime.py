@@ -175,6 +175,7 @@ class Runtime:
             crashed=deliverer.crashed,
             concurrency=deliverer.sink.concurrency,
             admit=deliverer.admit,
+            idle=deliverer.idle,
         )
 
     # --- hydration ---

@@ -35,12 +35,13 @@ class WorkLoop(Generic[T]):
         concurrency: int,
         poll_seconds: float = 1.0,
         admit: Callable[[int], tuple[float, int]] | None = None,
+        idle: Callable[[], None] | None = None,
     ) -> None:
         """``release`` gives an item back untouched (shutdown); ``crashed`` records that
         processing raised something unexpected (a bug), so the item ends visibly instead
         of being retried forever; ``admit(free)`` returns (seconds to wait, how many to
         claim now): the hook a circuit breaker uses to hold a sink's loop, or let a
-        single trial through."""
+        single trial through; ``idle()`` is told when a claim found nothing."""
         self.name = name
         self._claim = claim
         self._process = process
@@ -49,6 +50,7 @@ class WorkLoop(Generic[T]):
         self._concurrency = concurrency
         self._poll = poll_seconds
         self._admit = admit
+        self._idle = idle
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -92,6 +94,8 @@ class WorkLoop(Generic[T]):
                     self._inflight.add(task)
                     task.add_done_callback(self._done)
                 if not items:
+                    if self._idle is not None:
+                        self._idle()
                     await self._sleep(self._poll)
         finally:
             self.alive = False

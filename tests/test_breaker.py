@@ -155,3 +155,19 @@ def test_retry_in_tells_how_long_until_a_trial() -> None:
     assert breaker.allow()
     assert breaker.state == "half_open"
     assert 0 < breaker.retry_in() <= 30.0  # the trial is out; another only after its timeout
+
+
+def test_an_unused_trial_closes_the_breaker() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(1, 5.0, clock=lambda: now[0])
+    breaker.record_failure()
+    now[0] = 6.0
+    assert breaker.allow()
+    assert breaker.state == "half_open"
+    breaker.trial_unused()  # the loop claimed nothing to try
+    assert breaker.state == "closed"
+    assert breaker.consecutive_failures == 0
+    breaker.record_failure()  # a new failure opens it again
+    assert breaker.state == "open"
+    breaker.trial_unused()  # no effect unless half-open
+    assert breaker.state == "open"

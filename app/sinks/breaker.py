@@ -99,6 +99,15 @@ class CircuitBreaker:
         self._failures = 0
         self._trial_started = None
 
+    def trial_unused(self) -> None:
+        """The half-open trial found nothing to send: nothing says the sink is still
+        broken, and staying half-open would keep it reported as broken forever (the
+        failed work has gone to dead letters). Close; new failures re-open it."""
+        if self._state == "half_open":
+            self._state = "closed"
+            self._failures = 0
+            self._trial_started = None
+
     def record_failure(self) -> None:
         self._failures += 1
         if self._state == "open":

@@ -307,6 +307,24 @@ def test_readiness_reports_a_broken_sink_then_recovers(
     assert value(scrape(service), "clopos_hydrator_sink_circuit_open", sink="hook") == 0
 
 
+def test_readiness_recovers_when_the_broken_sinks_work_ended_in_dead_letters(
+    make_service: Any, receiver: tuple[SinkReceiver, str]
+) -> None:
+    """The breaker must not stay half-open with nothing left to try: the failed
+    delivery went to a dead letter, so readiness comes back with no new traffic."""
+    rx, url = receiver
+    rx.status = 503
+    service: ServiceProcess = make_service(
+        SINKS=sinks(url, breaker_failures=1, breaker_cooldown_seconds=1),
+        RETRY_GIVE_UP_SECONDS="1",
+    )
+    notify(service, 1001)
+    assert wait_until(lambda: dead_letters(service, sink="hook")["total"] == 1, timeout=15)
+    rx.status = 200
+    assert wait_until(lambda: readyz(service)[0] == 200, timeout=15), readyz(service)
+    assert value(scrape(service), "clopos_hydrator_sink_circuit_open", sink="hook") == 0
+
+
 ADMIN_ROUTES = [
     ("GET", "/admin/status"),
     ("GET", "/admin/dead-letters"),
