@@ -15,6 +15,7 @@ from typing import Any
 import uvicorn
 
 from app import cli_ops
+from app.cli_ops import add_command
 from app.errors import ConfigError
 from app.logs import configure_logging, get_logger
 from app.settings import Config, load_settings
@@ -165,13 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the service (configured from the environment)")
+    serve = add_command(commands, "serve", help="run the service (configured from the environment)")
     serve.add_argument("--host", default="0.0.0.0", help="interface to bind (default 0.0.0.0)")  # noqa: S104
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.set_defaults(func=cmd_serve)
 
-    sandbox = commands.add_parser(
-        "sandbox", help="run the service against a built-in simulated Clopos (no credentials)"
+    sandbox = add_command(
+        commands,
+        "sandbox",
+        help="run the service against a built-in simulated Clopos (no credentials)",
     )
     sandbox.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     sandbox.add_argument("--port", type=int, default=8000, help="port (default 8000)")

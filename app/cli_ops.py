@@ -195,7 +195,11 @@ async def _hydrate(config: Config, order_id: int, brand: str | None, venue: int 
     from app.snapshot import build_body, snapshot_key
 
     name = brand or config.default_brand
-    if name is None or name not in config.brands:
+    if name is None:
+        raise ConfigError(
+            "CLOPOS_BRAND", "no brand configured (set the CLOPOS_* credentials, or --brand)"
+        )
+    if name not in config.brands:
         raise ConfigError("CLOPOS_BRAND", f"brand {name!r} is not configured")
     settings = config.settings
     http = make_http_client(timeout=settings.clopos_timeout_seconds, max_connections=4)
@@ -261,6 +265,14 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     return 0 if response.status_code == 202 else 1
 
 
+def add_command(commands: Any, name: str, *, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose own --help opens with the line shown in its parent's list."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=help, description=help[0].upper() + help[1:] + "."
+    )
+    return parser
+
+
 def add_commands(commands: Any) -> None:
     """Register the operator commands on the top-level subparsers."""
 
@@ -278,27 +290,27 @@ def add_commands(commands: Any) -> None:
         parser.add_argument("--reason", help="only this reason (e.g. not_found, gave_up, http_410)")
         parser.add_argument("--kind", choices=["hydration", "delivery"], help="only this kind")
 
-    status = commands.add_parser(
-        "status", help="backlog, dead letters, brands and sinks at a glance"
+    status = add_command(
+        commands, "status", help="backlog, dead letters, brands and sinks at a glance"
     )
     remote(status)
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     status.set_defaults(func=cmd_status)
 
-    dlq = commands.add_parser("dlq", help="inspect, replay or purge dead letters")
+    dlq = add_command(commands, "dlq", help="inspect, replay or purge dead letters")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
-    listing = dlq_commands.add_parser("list", help="list dead letters (newest last)")
+    listing = add_command(dlq_commands, "list", help="list dead letters (newest last)")
     remote(listing)
     filters(listing)
     listing.add_argument("--limit", type=int, default=50, help="page size (default 50)")
     listing.add_argument("--after", type=int, help="cursor from the previous page")
     listing.add_argument("--json", action="store_true", help="print the raw JSON")
     listing.set_defaults(func=cmd_dlq_list)
-    show = dlq_commands.add_parser("show", help="show one dead letter")
+    show = add_command(dlq_commands, "show", help="show one dead letter")
     remote(show)
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=int, help="the dead letter's id (from 'dlq list')")
     show.set_defaults(func=cmd_dlq_show)
-    replay = dlq_commands.add_parser("replay", help="replay one dead letter, or many by filter")
+    replay = add_command(dlq_commands, "replay", help="replay one dead letter, or many by filter")
     remote(replay)
     filters(replay)
     replay.add_argument("id", type=int, nargs="?", help="a dead letter id (else use filters)")
@@ -311,25 +323,27 @@ def add_commands(commands: Any) -> None:
     )
     replay.add_argument("--all", action="store_true", help="replay every dead letter")
     replay.set_defaults(func=cmd_dlq_replay)
-    purge = dlq_commands.add_parser("purge", help="delete one dead letter, or many by filter")
+    purge = add_command(dlq_commands, "purge", help="delete one dead letter, or many by filter")
     remote(purge)
     filters(purge)
     purge.add_argument("id", type=int, nargs="?", help="a dead letter id (else use filters)")
     purge.add_argument("--all", action="store_true", help="purge every dead letter")
     purge.set_defaults(func=cmd_dlq_purge)
 
-    hydrate = commands.add_parser(
-        "hydrate", help="fetch one order from Clopos now and print its snapshot (no delivery)"
+    hydrate = add_command(
+        commands,
+        "hydrate",
+        help="fetch one order from Clopos now and print its snapshot (no delivery)",
     )
-    hydrate.add_argument("order_id", type=int)
+    hydrate.add_argument("order_id", type=int, help="the Clopos order id")
     hydrate.add_argument("--brand", help="brand (default: the CLOPOS_BRAND brand)")
     hydrate.add_argument("--venue", type=int, help="venue id, sent as x-venue")
     hydrate.set_defaults(func=cmd_hydrate)
 
-    send = commands.add_parser(
-        "send-test", help="post a signed test notification to a running instance"
+    send = add_command(
+        commands, "send-test", help="post a signed test notification to a running instance"
     )
-    send.add_argument("order_id", type=int)
+    send.add_argument("order_id", type=int, help="the order id to put in the notification")
     send.add_argument(
         "--url",
         default=os.environ.get("HYDRATOR_URL", DEFAULT_URL),

@@ -9,6 +9,7 @@ variable, which the CLI prints as one line (no traceback).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -97,9 +98,10 @@ class LogSinkConfig(BaseModel):
 SinkConfig = Annotated[HttpSinkConfig | LogSinkConfig, Field(discriminator="type")]
 
 
-def sink_name(sink: HttpSinkConfig | LogSinkConfig, index: int) -> str:
-    """A stable name for a sink: its ``name``, else ``<type>`` or ``<type>-<index>``."""
-    return sink.name or (sink.type if index == 0 else f"{sink.type}-{index}")
+def sink_name(sink: HttpSinkConfig | LogSinkConfig) -> str:
+    """A sink's name: its ``name``, else its type. Deliveries are queued by this name,
+    so it must never depend on the sink's position in the list."""
+    return sink.name or sink.type
 
 
 def _default_sinks() -> list[HttpSinkConfig | LogSinkConfig]:
@@ -269,7 +271,7 @@ class Config:
         self.brands: dict[str, BrandConfig] = {b.brand: b for b in brands}
         # The brand served at POST /webhooks/clopos (no brand in the path).
         self.default_brand: str | None = brands[0].brand if brands else None
-        self.sink_names: list[str] = [sink_name(s, i) for i, s in enumerate(settings.sinks)]
+        self.sink_names: list[str] = [sink_name(s) for s in settings.sinks]
 
     def webhook_secret_for(self, brand: str) -> str | None:
         config = self.brands.get(brand)
@@ -305,6 +307,15 @@ def _first_error(exc: ValidationError) -> ConfigError:
     return ConfigError(variable, reason)
 
 
+def _decoding_error(exc: ValueError) -> ConfigError:
+    """pydantic-settings says 'error parsing value for field "sinks" ...': name the variable."""
+    text = str(exc).splitlines()[0]
+    field = re.search(r'field "([a-z_]+)"', text)
+    if field is None:
+        return ConfigError("settings", text)
+    return ConfigError(field.group(1).upper(), "is not valid JSON")
+
+
 def load_settings(**overrides: Any) -> Config:
     """Build the configuration from the environment (and ``.env``), or raise ConfigError."""
     try:
@@ -312,7 +323,7 @@ def load_settings(**overrides: Any) -> Config:
     except ValidationError as exc:
         raise _first_error(exc) from exc
     except (json.JSONDecodeError, ValueError) as exc:  # pydantic-settings JSON decoding
-        raise ConfigError("settings", str(exc).splitlines()[0]) from exc
+        raise _decoding_error(exc) from exc
     brands: list[BrandConfig] = []
     default = settings.default_brand()
     if default is not None:
@@ -331,7 +342,11 @@ def load_settings(**overrides: Any) -> Config:
                 "WEBHOOK_SECRET",
                 "required (or set WEBHOOK_ALLOW_UNAUTHENTICATED=true to accept unsigned webhooks)",
             )
-    names = [sink_name(s, i) for i, s in enumerate(settings.sinks)]
+    if not settings.sinks:
+        raise ConfigError("SINKS", "at least one sink is required (e.g. [{\"type\":\"log\"}])")
+    names = [sink_name(s) for s in settings.sinks]
     if len(set(names)) != len(names):
-        raise ConfigError("SINKS", "two sinks share a name; give each a distinct 'name'")
+        raise ConfigError(
+            "SINKS", "two sinks share a name: give each sink of the same type a distinct 'name'"
+        )
     return Config(settings, brands)

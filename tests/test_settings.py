@@ -78,7 +78,7 @@ def test_sinks_json_is_parsed_and_validated(env: pytest.MonkeyPatch) -> None:
     http = config.settings.sinks[0]
     assert isinstance(http, HttpSinkConfig)
     assert http.timeout_seconds == 15.0
-    assert config.sink_names == ["http", "log-1"]
+    assert config.sink_names == ["http", "log"]
     assert "whsec_c2VjcmV0" in config.secret_values()
 
     env.setenv("SINKS", json.dumps([{"type": "http", "url": "https://x.test", "secret": "nope"}]))
@@ -88,8 +88,29 @@ def test_sinks_json_is_parsed_and_validated(env: pytest.MonkeyPatch) -> None:
     assert "whsec_" in err.value.reason
 
     env.setenv("SINKS", "[{not json")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError) as err:
         load_settings()
+    assert err.value.variable == "SINKS"
+
+    env.setenv("SINKS", "[]")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert err.value.variable == "SINKS"
+
+
+def test_sink_names_do_not_depend_on_list_order(env: pytest.MonkeyPatch) -> None:
+    """Deliveries are queued by sink name: inserting a sink must not rename the others."""
+    hook = {"type": "http", "url": "https://example.test/h", "secret": "whsec_c2VjcmV0"}
+    env.setenv("SINKS", json.dumps([hook, {"type": "log"}]))
+    before = load_settings().sink_names
+    env.setenv("SINKS", json.dumps([{"type": "log"}, hook]))
+    assert sorted(load_settings().sink_names) == sorted(before) == ["http", "log"]
+    env.setenv("SINKS", json.dumps([hook, hook]))  # two of a type need names
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert (err.value.variable, "'name'" in err.value.reason) == ("SINKS", True)
+    env.setenv("SINKS", json.dumps([{**hook, "name": "a"}, {**hook, "name": "b"}]))
+    assert load_settings().sink_names == ["a", "b"]
 
 
 @pytest.mark.parametrize(
