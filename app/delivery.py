@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -29,6 +30,15 @@ class DeliveryAttempt:
     outcome: str  # delivered, retry, dead_letter, lost_lease
     detail: str = ""
     delay: float | None = None
+    reason: str | None = None  # the dead letter's reason, when outcome == "dead_letter"
+
+
+class DeliveryObserver(Protocol):
+    """Where delivery attempts are counted (app.metrics.Metrics satisfies it)."""
+
+    def delivery_finished(
+        self, sink: str, outcome: str, reason: str | None, seconds: float, latency: float
+    ) -> None: ...
 
 
 class SinkDeliverer:
@@ -41,8 +51,10 @@ class SinkDeliverer:
         store: Store,
         policy: RetryPolicy,
         breaker: CircuitBreaker,
+        observer: DeliveryObserver,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._observer = observer
         self.sink = sink
         self.breaker = breaker
         self._store = store
@@ -86,7 +98,12 @@ class SinkDeliverer:
                 cooldown_s=self.breaker.cooldown_seconds,
             )
 
-    async def run(self, delivery: Delivery) -> DeliveryAttempt:
+    def lease_seconds(self, minimum: float) -> float:
+        """A delivery's lease outlives the sink's own timeout, with room for a retry."""
+        return max(minimum, 2 * self.sink.timeout_seconds + 5)
+
+    async def process(self, delivery: Delivery) -> None:
+        """One attempt, then its canonical log line (``delivery.finished``) and metrics."""
         structlog.contextvars.bind_contextvars(
             brand=delivery.brand,
             order_id=delivery.order_id,
@@ -94,6 +111,25 @@ class SinkDeliverer:
             sink=self.sink.name,
             attempt=delivery.attempts + 1,
         )
+        started = time.monotonic()
+        attempt = await self.run(delivery)
+        elapsed = time.monotonic() - started
+        latency = max(0.0, self._clock() - delivery.first_received_at)
+        self._observer.delivery_finished(
+            self.sink.name, attempt.outcome, attempt.reason, elapsed, latency
+        )
+        (log.info if attempt.outcome == "delivered" else log.warning)(
+            "delivery.finished",
+            outcome=attempt.outcome,
+            webhook_id=delivery.snapshot_key,
+            version=delivery.version,
+            duration_ms=round(elapsed * 1000, 1),
+            retry_in_s=round(attempt.delay, 1) if attempt.delay is not None else None,
+            detail=attempt.detail or None,
+        )
+
+    async def run(self, delivery: Delivery) -> DeliveryAttempt:
+        """Send, then record the outcome in the store and the breaker."""
         try:
             await self.sink.deliver(delivery)
         except SinkError as exc:
@@ -110,6 +146,7 @@ class SinkDeliverer:
             error=f"{type(exc).__name__}: {exc}"[:500],
             now=self._clock(),
         )
+        self._observer.delivery_finished(self.sink.name, "dead_letter", "internal_error", 0, 0)
 
     async def _failed(self, delivery: Delivery, exc: SinkError) -> DeliveryAttempt:
         now = self._clock()
@@ -119,7 +156,7 @@ class SinkDeliverer:
             self._record(failure=False)
             reason = f"http_{exc.status}" if exc.status is not None else "rejected"
             await self._store.dead_letter_delivery(delivery, reason=reason, error=detail, now=now)
-            return DeliveryAttempt("dead_letter", f"{reason}: {detail}")
+            return DeliveryAttempt("dead_letter", f"{reason}: {detail}", reason=reason)
         self._record(failure=True)
         retry_after = exc.retry_after if isinstance(exc, SinkRetryableError) else None
         decision = self._policy.on_failure(
@@ -129,6 +166,8 @@ class SinkDeliverer:
             await self._store.dead_letter_delivery(
                 delivery, reason=decision.reason, error=detail, now=now
             )
-            return DeliveryAttempt("dead_letter", f"{decision.reason}: {detail}")
+            return DeliveryAttempt(
+                "dead_letter", f"{decision.reason}: {detail}", reason=decision.reason
+            )
         await self._store.retry_delivery(delivery, retry_at=now + decision.delay, error=detail)
         return DeliveryAttempt("retry", detail, decision.delay)

@@ -55,6 +55,15 @@ class Attempt:
     outcome: str  # stored, unchanged, stale, retry, rate_limited, paused, not_found, dead_letter
     detail: str = ""
     delay: float | None = None
+    reason: str | None = None  # the dead letter's reason, when outcome == "dead_letter"
+
+
+class AttemptObserver(Protocol):
+    """Where attempts are counted (app.metrics.Metrics satisfies it)."""
+
+    def hydration_finished(
+        self, brand: str, outcome: str, reason: str | None, seconds: float, latency: float
+    ) -> None: ...
 
 
 def validate_order(order: Any, order_id: int) -> dict[str, Any]:
@@ -103,8 +112,12 @@ class Hydrator:
         policy: RetryPolicy,
         paused_retry_seconds: float,
         on_credentials_rejected: Callable[[str, CloposError], None],
+        observer: AttemptObserver,
+        on_stored: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._observer = observer
+        self._on_stored = on_stored
         self._store = store
         self._fetchers = fetchers
         self._sinks = sinks
@@ -113,10 +126,31 @@ class Hydrator:
         self._on_credentials_rejected = on_credentials_rejected
         self._clock = clock
 
-    async def run(self, job: HydrationJob) -> Attempt:
+    async def process(self, job: HydrationJob) -> None:
+        """One attempt, then its canonical log line (``hydration.finished``) and metrics."""
         structlog.contextvars.bind_contextvars(
             brand=job.brand, order_id=job.order_id, job_id=job.id, attempt=job.attempts + 1
         )
+        started = time.monotonic()
+        attempt = await self.run(job)
+        elapsed = time.monotonic() - started
+        latency = max(0.0, self._clock() - job.first_received_at)
+        self._observer.hydration_finished(
+            job.brand, attempt.outcome, attempt.reason, elapsed, latency
+        )
+        if attempt.outcome == "stored":
+            self._on_stored()
+        (log.info if attempt.outcome in ("stored", "unchanged") else log.warning)(
+            "hydration.finished",
+            outcome=attempt.outcome,
+            notifications=len(job.notification_ids),
+            duration_ms=round(elapsed * 1000, 1),
+            retry_in_s=round(attempt.delay, 1) if attempt.delay is not None else None,
+            detail=attempt.detail or None,
+        )
+
+    async def run(self, job: HydrationJob) -> Attempt:
+        """Fetch, build the snapshot and record the outcome in the store."""
         fetcher = self._fetchers.get(job.brand)
         if fetcher is None:
             return await self._dead(job, "unknown_brand", "brand is no longer configured")
@@ -138,6 +172,7 @@ class Hydrator:
     async def crashed(self, job: HydrationJob, exc: Exception) -> None:
         """A bug surfaced while processing this job: end it visibly, not in a retry loop."""
         await self._dead(job, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
+        self._observer.hydration_finished(job.brand, "dead_letter", "internal_error", 0, 0)
 
     async def _failed(self, job: HydrationJob, exc: CloposError) -> Attempt:
         now = self._clock()
@@ -185,4 +220,4 @@ class Hydrator:
 
     async def _dead(self, job: HydrationJob, reason: str, error: str) -> Attempt:
         await self._store.dead_letter_hydration(job, reason=reason, error=error, now=self._clock())
-        return Attempt("dead_letter", f"{reason}: {error}")
+        return Attempt("dead_letter", f"{reason}: {error}", reason=reason)

@@ -201,5 +201,26 @@ class Metrics:
         )
         self.registry.register(_StateCollector(lambda: self.state))
 
+    def hydration_finished(
+        self, brand: str, outcome: str, reason: str | None, seconds: float, latency: float
+    ) -> None:
+        self.hydrations.labels(brand, outcome).inc()
+        if outcome in ("stored", "unchanged", "stale"):
+            self.hydration_seconds.labels(brand).observe(seconds)
+            self.hydration_latency.labels(brand).observe(latency)
+        if outcome == "dead_letter":
+            self.dead_lettered.labels("hydration", reason or "unknown").inc()
+
+    def delivery_finished(
+        self, sink: str, outcome: str, reason: str | None, seconds: float, latency: float
+    ) -> None:
+        self.deliveries.labels(sink, outcome).inc()
+        if outcome != "lost_lease":
+            self.delivery_seconds.labels(sink).observe(seconds)
+        if outcome == "delivered":
+            self.delivery_latency.labels(sink).observe(latency)
+        if outcome == "dead_letter":
+            self.dead_lettered.labels("delivery", reason or "unknown").inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Annotated
 
 import httpx
@@ -21,10 +21,11 @@ from fastapi import Depends, Request
 
 from app.clopos import CloposClient, LocalRateBudget, make_http_client
 from app.delivery import SinkDeliverer
-from app.errors import CloposCredentialsRejected, CloposError, StoreError
+from app.errors import StoreError
 from app.hydration import Hydrator
 from app.logs import REDACTOR, get_logger
 from app.metrics import Metrics, SinkState, UpstreamState
+from app.pauses import BrandPauses
 from app.retry import RetryPolicy
 from app.settings import Config, HttpSinkConfig
 from app.sinks.base import Sink
@@ -37,13 +38,6 @@ from app.workers import WorkLoop
 
 log = get_logger("app.runtime")
 PRUNE_INTERVAL_SECONDS = 3600.0
-
-
-@dataclass
-class BrandPause:
-    since: float
-    reason: str
-    next_probe: float
 
 
 def build_sinks(config: Config) -> list[Sink]:
@@ -89,7 +83,7 @@ class Runtime:
             )
             for name, brand in config.brands.items()
         }
-        self.paused: dict[str, BrandPause] = {}
+        self.paused = BrandPauses(settings.paused_brand_retry_seconds)
         self.sinks = build_sinks(config)
         self.deliverers = {
             sink.name: SinkDeliverer(
@@ -97,6 +91,7 @@ class Runtime:
                 store=self.store,
                 policy=self.policy,
                 breaker=self._breaker_for(index),
+                observer=self.metrics,
             )
             for index, sink in enumerate(self.sinks)
         }
@@ -106,12 +101,14 @@ class Runtime:
             sinks=[s.name for s in self.sinks],
             policy=self.policy,
             paused_retry_seconds=settings.paused_brand_retry_seconds,
-            on_credentials_rejected=self.pause_brand,
+            on_credentials_rejected=self.paused.pause,
+            observer=self.metrics,
+            on_stored=self.wake_deliveries,
         )
         self.hydration_loop: WorkLoop[HydrationJob] = WorkLoop(
             "hydration",
             claim=self._claim_hydrations,
-            process=self._hydrate,
+            process=self.hydrator.process,
             release=self.store.release_hydration,
             crashed=self.hydrator.crashed,
             concurrency=settings.hydration_concurrency,
@@ -135,42 +132,17 @@ class Runtime:
 
     def _delivery_loop(self, deliverer: SinkDeliverer) -> WorkLoop[Delivery]:
         name = deliverer.sink.name
-        settings = self.config.settings
-        timeout = getattr(deliverer.sink, "timeout_seconds", 15.0)
-        lease = max(settings.lease_seconds, 2 * float(timeout) + 5)
+        lease = deliverer.lease_seconds(self.config.settings.lease_seconds)
 
         async def claim(limit: int) -> list[Delivery]:
             return await self.store.claim_deliveries(
                 sink=name, limit=limit, now=time.time(), lease_seconds=lease
             )
 
-        async def process(delivery: Delivery) -> None:
-            started = time.monotonic()
-            attempt = await deliverer.run(delivery)
-            elapsed = time.monotonic() - started
-            self.metrics.deliveries.labels(name, attempt.outcome).inc()
-            self.metrics.delivery_seconds.labels(name).observe(elapsed)
-            if attempt.outcome == "delivered":
-                self.metrics.delivery_latency.labels(name).observe(
-                    max(0.0, time.time() - delivery.first_received_at)
-                )
-            if attempt.outcome == "dead_letter":
-                self.metrics.dead_lettered.labels("delivery", attempt.detail.split(":")[0]).inc()
-            log_method = log.info if attempt.outcome == "delivered" else log.warning
-            log_method(
-                "delivery.finished",
-                outcome=attempt.outcome,
-                webhook_id=delivery.snapshot_key,
-                version=delivery.version,
-                duration_ms=round(elapsed * 1000, 1),
-                retry_in_s=round(attempt.delay, 1) if attempt.delay is not None else None,
-                detail=attempt.detail or None,
-            )
-
         return WorkLoop(
             f"delivery:{name}",
             claim=claim,
-            process=process,
+            process=deliverer.process,
             release=self.store.release_delivery,
             crashed=deliverer.crashed,
             concurrency=deliverer.sink.concurrency,
@@ -185,31 +157,7 @@ class Runtime:
             limit=limit,
             now=time.time(),
             lease_seconds=self.config.settings.lease_seconds,
-            exclude_brands=frozenset(self.paused),
-        )
-
-    async def _hydrate(self, job: HydrationJob) -> None:
-        started = time.monotonic()
-        attempt = await self.hydrator.run(job)
-        elapsed = time.monotonic() - started
-        self.metrics.hydrations.labels(job.brand, attempt.outcome).inc()
-        if attempt.outcome in ("stored", "unchanged", "stale"):
-            self.metrics.hydration_seconds.labels(job.brand).observe(elapsed)
-            self.metrics.hydration_latency.labels(job.brand).observe(
-                max(0.0, time.time() - job.first_received_at)
-            )
-        if attempt.outcome == "stored":
-            self.wake_deliveries()
-        if attempt.outcome == "dead_letter":
-            self.metrics.dead_lettered.labels("hydration", attempt.detail.split(":")[0]).inc()
-        quiet = attempt.outcome in ("stored", "unchanged")
-        (log.info if quiet else log.warning)(
-            "hydration.finished",
-            outcome=attempt.outcome,
-            notifications=len(job.notification_ids),
-            duration_ms=round(elapsed * 1000, 1),
-            retry_in_s=round(attempt.delay, 1) if attempt.delay is not None else None,
-            detail=attempt.detail or None,
+            exclude_brands=self.paused.brands(),
         )
 
     def wake_hydration(self) -> None:
@@ -221,37 +169,10 @@ class Runtime:
 
     # --- brand pauses ---
 
-    def pause_brand(self, brand: str, exc: CloposError) -> None:
-        if brand in self.paused:
-            return
-        now = time.time()
-        reason = (
-            "credentials_rejected"
-            if isinstance(exc, CloposCredentialsRejected)
-            else ("unauthorized")
-        )
-        self.paused[brand] = BrandPause(
-            since=now,
-            reason=f"{reason}: {exc.describe()}",
-            next_probe=now + self.config.settings.paused_brand_retry_seconds,
-        )
-        log.error("brand.paused", brand=brand, reason=reason, error=exc.describe())
-
     async def _probe_paused_brands(self) -> None:
-        """Every few minutes, try to authenticate each paused brand; resume on success."""
+        """Probe paused brands as their probes come due; resume their work on success."""
         while not self._stopping:
-            now = time.time()
-            for brand, pause in list(self.paused.items()):
-                if now < pause.next_probe:
-                    continue
-                try:
-                    await self.clients[brand].authenticate()
-                except CloposError as exc:
-                    pause.next_probe = now + self.config.settings.paused_brand_retry_seconds
-                    log.warning("brand.still_paused", brand=brand, error=exc.describe())
-                    continue
-                del self.paused[brand]
-                log.info("brand.resumed", brand=brand)
+            if await self.paused.probe_due(dict(self.clients)):
                 self.wake_hydration()
             await asyncio.sleep(1.0)
 

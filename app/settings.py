@@ -343,7 +343,7 @@ def load_settings(**overrides: Any) -> Config:
                 "required (or set WEBHOOK_ALLOW_UNAUTHENTICATED=true to accept unsigned webhooks)",
             )
     if not settings.sinks:
-        raise ConfigError("SINKS", "at least one sink is required (e.g. [{\"type\":\"log\"}])")
+        raise ConfigError("SINKS", 'at least one sink is required (e.g. [{"type":"log"}])')
     names = [sink_name(s) for s in settings.sinks]
     if len(set(names)) != len(names):
         raise ConfigError(

@@ -17,6 +17,7 @@ class Sink(Protocol):
     name: str
     kind: str  # "http" or "log"
     concurrency: int
+    timeout_seconds: float  # the longest one delivery may take (leases are sized on it)
 
     async def deliver(self, delivery: Delivery) -> None:
         """Send ``delivery.body``; raise a SinkError subclass on failure."""

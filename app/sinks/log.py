@@ -16,6 +16,7 @@ log = get_logger(LOG_SINK_LOGGER)
 
 class LogSink:
     kind = "log"
+    timeout_seconds = 5.0
 
     def __init__(self, name: str, *, concurrency: int = 4) -> None:
         self.name = name
