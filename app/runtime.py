@@ -241,6 +241,12 @@ class Runtime:
             self._spawn(f"delivery:{name}", loop.run())
         self._spawn("prune", self._prune_forever())
         self._spawn("brand-probe", self._probe_paused_brands())
+        settings = self.config.settings
+        if settings.webhook_secret is None and settings.webhook_allow_unauthenticated:
+            log.warning(
+                "webhook.unauthenticated_mode",
+                detail="WEBHOOK_ALLOW_UNAUTHENTICATED=true: anyone can post notifications",
+            )
         log.info(
             "service.started",
             brands=sorted(self.config.brands),

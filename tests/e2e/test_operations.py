@@ -384,6 +384,7 @@ def test_admin_routes_are_absent_without_a_token_and_open_webhooks_are_flagged(
     assert checks["webhook_auth"]["ok"]
     assert checks["webhook_auth"]["warning"]
     assert "WEBHOOK_ALLOW_UNAUTHENTICATED" in checks["webhook_auth"]["detail"]
+    assert log_events(service.log_path, "webhook.unauthenticated_mode")  # warned at start
     unsigned = httpx.post(f"{service.url}/webhooks/clopos", json={"data": {"id": 1001}})
     assert unsigned.status_code == 202
     assert wait_until(lambda: logged(service, 1001) == 1, timeout=10), service.tail()
