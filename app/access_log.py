@@ -8,9 +8,9 @@ string is never logged: it may carry the webhook token.
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 import structlog
@@ -68,7 +68,7 @@ def _request_id(scope: Scope) -> str:
             text: str = value.decode("latin-1")
             if _SANE_ID.match(text):
                 return text
-    return uuid.uuid4().hex[:16]
+    return os.urandom(8).hex()  # 64 random bits; cheaper than uuid4 on the hot path
 
 
 def _client(scope: Scope) -> Any:

@@ -33,7 +33,7 @@ class AdminError(Exception):
         self.message = message
 
 
-def require_admin(request: Request, runtime: RuntimeDep) -> None:
+async def require_admin(request: Request, runtime: RuntimeDep) -> None:
     expected = runtime.config.settings.admin_token
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")

@@ -285,7 +285,9 @@ class Runtime:
         log.info("service.stopped")
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    """Async on purpose: FastAPI runs a plain ``def`` dependency in a thread pool, a
+    hop that showed up on the ingest hot path."""
     runtime: Runtime = request.app.state.runtime
     return runtime
 
