@@ -201,6 +201,7 @@ async def status(runtime: RuntimeDep) -> dict[str, Any]:
             "credentials": "paused" if pause else "accepted",
             "paused_reason": pause.reason if pause else None,
             "budget": asdict(budget) if budget is not None else None,
+            "poll": _poll_status(runtime, name),
         }
     sinks = {
         name: {
@@ -217,6 +218,24 @@ async def status(runtime: RuntimeDep) -> dict[str, Any]:
         "dead_letters": dead,
         "brands": brands,
         "sinks": sinks,
+    }
+
+
+def _iso(moment: float | None) -> str | None:
+    return None if moment is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
+
+
+def _poll_status(runtime: Runtime, brand: str) -> dict[str, Any] | None:
+    """The brand's reconciliation poller position; None when polling is off."""
+    if runtime.poller is None:
+        return None
+    status = runtime.poller.status(brand)
+    return {
+        "watermark": _iso(status.watermark),
+        "last_success_at": _iso(status.last_success_at),
+        "last_outcome": status.last_outcome,
+        "last_error": status.last_error,
+        "backlog_page": status.backlog_page,
     }
 
 

@@ -42,10 +42,20 @@ class SinkState:
 
 
 @dataclass
+class PollState:
+    """One brand's reconciliation poller position (app/poller.py)."""
+
+    brand: str
+    watermark: float | None  # epoch seconds of the newest Clopos updated_at read
+    last_success_at: float | None
+
+
+@dataclass
 class StateSnapshot:
     store: StoreStats | None = None
     upstream: list[UpstreamState] = field(default_factory=list)
     sinks: list[SinkState] = field(default_factory=list)
+    polls: list[PollState] = field(default_factory=list)  # empty when polling is off
 
 
 class _StateCollector(Collector):
@@ -64,6 +74,25 @@ class _StateCollector(Collector):
         for sink in state.sinks:
             breaker.add_metric([sink.name], 0.0 if sink.breaker_state == "closed" else 1.0)
         yield breaker
+        yield from self._polls(state.polls)
+
+    def _polls(self, polls: list[PollState]) -> Iterator[Metric]:
+        watermark = GaugeMetricFamily(
+            f"{PREFIX}_poll_watermark_timestamp_seconds",
+            "The newest Clopos updated_at the poller has read, per brand (epoch seconds).",
+            labels=["brand"],
+        )
+        success = GaugeMetricFamily(
+            f"{PREFIX}_poll_last_success_timestamp_seconds",
+            "When the brand's last poll cycle succeeded (epoch seconds).",
+            labels=["brand"],
+        )
+        for poll in polls:
+            if poll.watermark is not None:
+                watermark.add_metric([poll.brand], poll.watermark)
+            if poll.last_success_at is not None:
+                success.add_metric([poll.brand], poll.last_success_at)
+        yield from (watermark, success)
 
     def _queues(self, stats: StoreStats | None) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
@@ -199,6 +228,19 @@ class Metrics:
             ["kind", "reason"],
             registry=r,
         )
+        self.poll_cycles = Counter(
+            f"{PREFIX}_poll_cycles",
+            "Reconciliation poll cycles by brand and outcome (ok, partial: a backlog read "
+            "on over several cycles, or the failure: rate_limited, transient, ...).",
+            ["brand", "outcome"],
+            registry=r,
+        )
+        self.poll_enqueued = Counter(
+            f"{PREFIX}_poll_enqueued",
+            "Order changes the poller found and enqueued (not yet known to the store).",
+            ["brand"],
+            registry=r,
+        )
         self.registry.register(_StateCollector(lambda: self.state))
 
     def hydration_finished(
@@ -221,6 +263,11 @@ class Metrics:
             self.delivery_latency.labels(sink).observe(latency)
         if outcome == "dead_letter":
             self.dead_lettered.labels("delivery", reason or "unknown").inc()
+
+    def poll_finished(self, brand: str, outcome: str, enqueued: int) -> None:
+        self.poll_cycles.labels(brand, outcome).inc()
+        if enqueued:
+            self.poll_enqueued.labels(brand).inc(enqueued)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

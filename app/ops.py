@@ -79,6 +79,10 @@ def readiness_checks(runtime: Runtime, store_check: Check) -> dict[str, Check]:
             state == "closed",
             "circuit closed" if state == "closed" else f"circuit {state} after repeated failures",
         )
+    if runtime.poller is not None:
+        for brand in runtime.config.brands:
+            ok, detail = runtime.poller.readiness(brand)
+            checks[f"poller:{brand}"] = Check(ok, detail)
     checks["backlog"] = _backlog_check(runtime)
     if runtime.config.settings.webhook_secret is None and (
         runtime.config.settings.webhook_allow_unauthenticated

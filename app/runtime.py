@@ -24,8 +24,9 @@ from app.delivery import SinkDeliverer
 from app.errors import StoreError
 from app.hydration import Hydrator
 from app.logs import REDACTOR, get_logger
-from app.metrics import Metrics, SinkState, UpstreamState
+from app.metrics import Metrics, PollState, SinkState, UpstreamState
 from app.pauses import BrandPauses
+from app.poller import Poller
 from app.retry import RetryPolicy
 from app.settings import Config, HttpSinkConfig
 from app.sinks.base import Sink
@@ -116,6 +117,7 @@ class Runtime:
         self.delivery_loops: dict[str, WorkLoop[Delivery]] = {
             name: self._delivery_loop(deliverer) for name, deliverer in self.deliverers.items()
         }
+        self.poller: Poller | None = self._poller()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.on_fatal: Callable[[str], None] = lambda reason: None
@@ -129,6 +131,26 @@ class Runtime:
                 sink_config.breaker_failures, sink_config.breaker_cooldown_seconds
             )
         return CircuitBreaker(5, 30.0)
+
+    def _poller(self) -> Poller | None:
+        """The reconciliation poller, or None when POLL_INTERVAL_SECONDS=0 (or no brand)."""
+        settings = self.config.settings
+        if settings.poll_interval_seconds <= 0 or not self.clients:
+            return None
+        for brand in self.clients:  # counters start at 0, not absent
+            self.metrics.poll_enqueued.labels(brand)
+        return Poller(
+            store=self.store,
+            listers=dict(self.clients),
+            interval=settings.poll_interval_seconds,
+            page_size=settings.poll_page_size,
+            max_pages=settings.poll_max_pages,
+            lookback=settings.poll_lookback_seconds,
+            is_paused=lambda brand: brand in self.paused,
+            on_credentials_rejected=self.paused.pause,
+            on_enqueued=self.wake_hydration,
+            observer=self.metrics,
+        )
 
     def _delivery_loop(self, deliverer: SinkDeliverer) -> WorkLoop[Delivery]:
         name = deliverer.sink.name
@@ -225,12 +247,20 @@ class Runtime:
         self.metrics.state.sinks = [
             SinkState(name, d.breaker.state) for name, d in self.deliverers.items()
         ]
+        if self.poller is not None:
+            statuses = {brand: self.poller.status(brand) for brand in self.clients}
+            self.metrics.state.polls = [
+                PollState(brand, status.watermark, status.last_success_at)
+                for brand, status in statuses.items()
+            ]
 
     # --- lifecycle ---
 
     def loops_alive(self) -> dict[str, bool]:
         loops = {"hydration": self.hydration_loop.alive}
         loops.update({name: loop.alive for name, loop in self.delivery_loops.items()})
+        if self.poller is not None:
+            loops["poller"] = self.poller.alive
         return loops
 
     async def start(self) -> None:
@@ -241,6 +271,8 @@ class Runtime:
             self._spawn(f"delivery:{name}", loop.run())
         self._spawn("prune", self._prune_forever())
         self._spawn("brand-probe", self._probe_paused_brands())
+        if self.poller is not None:
+            self._spawn("poller", self.poller.run())
         settings = self.config.settings
         if settings.webhook_secret is None and settings.webhook_allow_unauthenticated:
             log.warning(
@@ -252,6 +284,7 @@ class Runtime:
             brands=sorted(self.config.brands),
             sinks=[s.name for s in self.sinks],
             store=self.config.settings.database_url.split("://")[0],
+            poll_interval_s=settings.poll_interval_seconds if self.poller else None,
         )
 
     def _spawn(self, name: str, coro: object) -> None:
@@ -269,6 +302,8 @@ class Runtime:
     async def stop(self) -> None:
         """Stop claiming, let in-flight work finish within the grace period, release the rest."""
         self._stopping = True
+        if self.poller is not None:
+            self.poller.stop()  # no new work while the workers drain
         grace = self.config.settings.shutdown_grace_seconds
         await asyncio.gather(
             self.hydration_loop.stop(grace),

@@ -161,6 +161,16 @@ class Settings(BaseSettings):
     paused_brand_retry_seconds: float = Field(default=300.0, gt=0)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
 
+    # --- Reconciliation poller ---
+    # Seconds between two polls of GET /v2/orders per brand; 0 turns polling off.
+    poll_interval_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # Orders per list call (Clopos documents 100 as the safe maximum).
+    poll_page_size: int = Field(default=100, ge=1, le=100)
+    # List calls one cycle of one brand may make while working through a backlog.
+    poll_max_pages: int = Field(default=10, ge=1, le=1000)
+    # How far back the very first poll of a brand looks (later ones resume at the watermark).
+    poll_lookback_seconds: float = Field(default=900.0, ge=0, le=30 * 86_400)
+
     # --- Operations ---
     admin_token: SecretStr | None = None
     ready_max_backlog: int = Field(default=10_000, ge=1)
@@ -182,6 +192,14 @@ class Settings(BaseSettings):
             value = [str(item).strip() for item in items if str(item).strip()]
         if not value:
             raise ValueError("at least one path is required")
+        return value
+
+    @field_validator("poll_interval_seconds")
+    @classmethod
+    def _poll_interval(cls, value: float) -> float:
+        if 0 < value < 1:
+            # Sub-second polling would spend a large share of the tenant budget on lists.
+            raise ValueError("must be 0 (polling off) or at least 1")
         return value
 
     @field_validator("admin_token")

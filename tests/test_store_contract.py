@@ -816,3 +816,64 @@ async def test_latest_snapshot_body_and_ping(store: Store) -> None:
     assert await store.latest_snapshot_body(BRAND, 7) == b'{"key":"b"}'
     assert await store.latest_snapshot_body("other", 7) is None
     await store.ping()
+
+
+# --- reconciliation poller ----------------------------------------------------------------
+
+
+async def test_poll_watermark_is_per_brand_and_never_moves_backwards(store: Store) -> None:
+    assert await store.get_poll_watermark(BRAND) is None
+    assert await store.set_poll_watermark(BRAND, T0 + 10, now=T0) == T0 + 10
+    assert await store.set_poll_watermark("other", T0 - 500, now=T0) == T0 - 500
+
+    # An older position (a slow cycle finishing after a newer one) keeps the newer one.
+    assert await store.set_poll_watermark(BRAND, T0 + 5, now=T0 + 1) == T0 + 10
+    assert await store.get_poll_watermark(BRAND) == T0 + 10
+    assert await store.set_poll_watermark(BRAND, T0 + 20.5, now=T0 + 2) == T0 + 20.5
+    assert await store.get_poll_watermark(BRAND) == T0 + 20.5
+    assert await store.get_poll_watermark("other") == T0 - 500
+
+
+async def test_known_updated_at_is_the_newest_stored_state(store: Store) -> None:
+    assert await store.known_updated_at(BRAND, []) == {}
+    await hydrate(store, 1, "a", updated=T0 - 100)
+    await hydrate(store, 1, "b", now=T0 + 1, updated=T0 - 50)
+    await hydrate(store, 2, "c", updated=None)  # a snapshot without a usable updated_at
+    await hydrate(store, 1, "x", updated=T0 - 200, brand="other")
+    await store.enqueue(notice(3))  # waiting: nothing stored yet
+
+    known = await store.known_updated_at(BRAND, [1, 2, 3, 4])
+    assert known == {1: T0 - 50, 2: None, 3: None, 4: None}
+    assert await store.known_updated_at("other", [1, 2]) == {1: T0 - 200, 2: None}
+
+
+async def test_known_updated_at_ignores_an_older_state_fetched_later(store: Store) -> None:
+    await hydrate(store, 1, "new", updated=T0)
+    result = await hydrate(store, 1, "old", now=T0 + 1, updated=T0 - 30)
+    assert result.outcome == "stale"
+    assert await store.known_updated_at(BRAND, [1]) == {1: T0}
+
+
+async def test_known_updated_at_survives_the_order_being_pruned_and_revived(store: Store) -> None:
+    await hydrate(store, 1, "a", updated=T0 - 10)
+    delivery = (await deliveries(store))[0]
+    await store.complete_delivery(delivery, now=T0)
+    await store.prune(older_than=T0 + 1)
+    # Pruned with its job: the order is unknown again (a poll would fetch it once more).
+    assert await store.known_updated_at(BRAND, [1]) == {1: None}
+    await hydrate(store, 1, "b", now=T0 + 2, updated=T0 + 1)
+    assert await store.known_updated_at(BRAND, [1]) == {1: T0 + 1}
+
+
+async def test_poll_notices_of_one_state_are_duplicates(store: Store) -> None:
+    # The poller's dedup key names the order's state: a second poll of it adds nothing.
+    first = await store.enqueue(notice(9, source="poller", dedup_key="poll:9:1700000000"))
+    again = await store.enqueue(notice(9, T0 + 30, source="poller", dedup_key="poll:9:1700000000"))
+    newer = await store.enqueue(notice(9, T0 + 60, source="poller", dedup_key="poll:9:1700000060"))
+    assert not first.duplicate
+    assert again.duplicate
+    assert again.job_id == first.job_id
+    assert not newer.duplicate
+    assert newer.coalesced  # the job still waits: one fetch covers both states
+    job = await claim_one(store, now=T0 + 60)
+    assert len(job.notification_ids) == 2

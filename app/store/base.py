@@ -16,6 +16,10 @@ A later success resolves them: a successful hydration of the order deletes its
 hydration letters, and a delivered version deletes the sink's delivery letters of
 that order up to that version (a replay of those would be superseded anyway).
 
+The reconciliation poller (app/poller.py) keeps one durable **watermark** per brand
+(how far its reading of Clopos's change list has got) and asks which listed order
+states are already stored, so that polling a state twice fetches it once.
+
 Every mutating call that takes a claimed record checks its ``lease_token``: if the
 lease expired and someone else claimed the record meanwhile, the call returns False
 and changes nothing (the other claimant's outcome wins).
@@ -28,6 +32,7 @@ nothing backend-specific leaks out.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -329,3 +334,18 @@ class Store(Protocol):
 
     async def latest_snapshot_body(self, brand: str, order_id: int) -> bytes | None:
         """The newest stored snapshot body of an order (for operators)."""
+
+    # --- reconciliation poller ---
+
+    async def get_poll_watermark(self, brand: str) -> float | None:
+        """The brand's poll watermark (epoch seconds, Clopos ``updated_at``), None if unset."""
+
+    async def set_poll_watermark(self, brand: str, updated_at: float, *, now: float) -> float:
+        """Advance the brand's watermark to ``updated_at``, never backwards; return the
+        watermark now stored (the larger of the two)."""
+
+    async def known_updated_at(
+        self, brand: str, order_ids: Sequence[int]
+    ) -> dict[int, float | None]:
+        """For each order id: the Clopos ``updated_at`` of its newest stored snapshot,
+        None when the order has no job or its snapshot had no usable ``updated_at``."""

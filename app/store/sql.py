@@ -390,6 +390,25 @@ DELETE FROM snapshots WHERE id IN (
 )
 """
 
+# --- reconciliation poller ----------------------------------------------------------------
+
+GET_POLL_WATERMARK = "SELECT updated_at FROM poll_watermarks WHERE brand = :brand"
+# Never backwards: two cycles (or, later, two replicas) finishing out of order keep the
+# newer position.
+SET_POLL_WATERMARK = """
+INSERT INTO poll_watermarks (brand, updated_at, set_at) VALUES (:brand, :updated_at, :now)
+ON CONFLICT (brand) DO UPDATE SET
+    updated_at = MAX(poll_watermarks.updated_at, excluded.updated_at),
+    set_at = excluded.set_at
+RETURNING updated_at
+"""
+# The job mirrors its order's newest snapshot (last_updated_at), and reads by the
+# (brand, order_id) unique index. :ids is a JSON list of integers.
+KNOWN_UPDATED_AT = """
+SELECT order_id, last_updated_at FROM hydration_jobs
+WHERE brand = :brand AND order_id IN (SELECT value FROM json_each(:ids))
+"""
+
 # --- observation ------------------------------------------------------------------------
 
 # One statement per status (not a bound :status) so each reads its partial index. Every

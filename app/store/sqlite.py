@@ -28,7 +28,7 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -328,6 +328,39 @@ class SqliteStore:
             return None if row is None else bytes(row["body"])
 
         return await self.run("latest_snapshot_body", latest)
+
+    # --- reconciliation poller ---------------------------------------------------------------
+
+    async def get_poll_watermark(self, brand: str) -> float | None:
+        def get(conn: Conn) -> float | None:
+            row = conn.execute(sql.GET_POLL_WATERMARK, {"brand": brand}).fetchone()
+            return None if row is None else float(row["updated_at"])
+
+        return await self.run("get_poll_watermark", get)
+
+    async def set_poll_watermark(self, brand: str, updated_at: float, *, now: float) -> float:
+        params = {"brand": brand, "updated_at": updated_at, "now": now}
+
+        def advance(conn: Conn) -> float:
+            return float(conn.execute(sql.SET_POLL_WATERMARK, params).fetchone()["updated_at"])
+
+        return await self.run("set_poll_watermark", advance)
+
+    async def known_updated_at(
+        self, brand: str, order_ids: Sequence[int]
+    ) -> dict[int, float | None]:
+        if not order_ids:
+            return {}
+        known: dict[int, float | None] = dict.fromkeys(order_ids)
+        # Bound as one JSON list: one statement whatever the page size, no SQL built here.
+        params = {"brand": brand, "ids": json.dumps([int(i) for i in known])}
+
+        def read(conn: Conn) -> dict[int, float | None]:
+            for row in conn.execute(sql.KNOWN_UPDATED_AT, params):
+                known[row["order_id"]] = row["last_updated_at"]
+            return known
+
+        return await self.run("known_updated_at", read)
 
 
 # --- operations (run on the writer thread) --------------------------------------------------

@@ -45,6 +45,9 @@ def service_env(clopos_url: str, db_path: Path, **extra: str) -> dict[str, str]:
         "RETRY_BASE_SECONDS": "0.2",
         "RETRY_MAX_SECONDS": "1",
         "SHUTDOWN_GRACE_SECONDS": "5",
+        # Off unless a test is about polling: a poll at start would hydrate recent seeded
+        # orders and upset tests that count deliveries and calls.
+        "POLL_INTERVAL_SECONDS": "0",
     }
     env.update(extra)
     return env

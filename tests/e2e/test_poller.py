@@ -1,0 +1,165 @@
+"""The reconciliation poller, end to end: the real service process polls the sandbox.
+
+No webhook is needed for a change to reach the sinks; a webhook and a poll of the same
+change deliver it once; a restart resumes at the durable watermark; and polling spends
+about one list call per cycle, with no 429.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.sandbox.orders import iso
+from tests.e2e.conftest import Clopos
+from tests.e2e.service import (
+    ADMIN_TOKEN,
+    WEBHOOK_SECRET,
+    ServiceProcess,
+    log_events,
+    wait_until,
+)
+
+LIST_PATH = "/open-api/v2/orders"
+DETAIL_PATH = "/open-api/v2/orders/"
+HEADERS = {"X-Webhook-Token": WEBHOOK_SECRET, "Content-Type": "application/json"}
+
+
+def deliveries(paths: list[Path]) -> list[int]:
+    """Order ids the log sink delivered, in order, across runs of the service."""
+    return [e["body"]["order_id"] for p in paths for e in log_events(p, "sink.log.order")]
+
+
+def list_calls(clopos: Clopos) -> int:
+    return sum(1 for call in clopos.state.calls if call.path == LIST_PATH)
+
+
+def detail_calls(clopos: Clopos, order_id: int) -> int:
+    return clopos.state.count(f"{DETAIL_PATH}{order_id}")
+
+
+def poll_cycles(service: ServiceProcess) -> float:
+    """clopos_hydrator_poll_cycles_total summed over outcomes, read from /metrics."""
+    text = httpx.get(f"{service.url}/metrics", timeout=5).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "clopos_hydrator_poll_cycles_total"
+    )
+
+
+def order_events(path: Path, event: str, order_id: int) -> list[dict[str, Any]]:
+    return [e for e in log_events(path, event) if e.get("order_id") == order_id]
+
+
+def test_changes_reach_the_sinks_without_any_webhook(make_service: Any, clopos: Clopos) -> None:
+    now = time.time()
+    # Changed before the service starts: within the lookback, and before it.
+    clopos.state.update_order(1100, status="DELIVERED", updated_at=iso(now - 60))
+    clopos.state.update_order(1200, status="DELIVERED", updated_at=iso(now - 600))
+    service: ServiceProcess = make_service(POLL_INTERVAL_SECONDS="1", POLL_LOOKBACK_SECONDS="120")
+    logs = [service.log_path]
+
+    clopos.state.update_order(1005, status="DELIVERED")  # changed while it runs, no webhook
+    clopos.state.update_order(1010, status="IGNORE")
+    expected = {1100, 1005, 1010}
+    assert wait_until(lambda: expected <= set(deliveries(logs)), timeout=20), service.tail()
+
+    # Steady state: polls go on, one list call each, and fetch nothing more.
+    cycles_before, lists_before = poll_cycles(service), list_calls(clopos)
+    time.sleep(3.5)
+    cycles = poll_cycles(service) - cycles_before
+    lists = list_calls(clopos) - lists_before
+    assert 2 <= cycles <= 5, cycles
+    assert abs(lists - cycles) <= 1, (lists, cycles)
+
+    # Each change delivered once; the seeded orders (540 s old and more) and the one
+    # changed before the lookback were not.
+    assert sorted(deliveries(logs)) == sorted(expected)
+    assert all(detail_calls(clopos, order_id) == 1 for order_id in expected)
+    assert clopos.state.rate_limited() == 0
+    first = log_events(service.log_path, "sink.log.order")[0]["body"]
+    assert "receipt" in first["order"]
+    notices = log_events(service.log_path, "poller.order_changed")
+    assert {e["order_id"] for e in notices} == expected
+
+    ready = httpx.get(f"{service.url}/readyz", timeout=5).json()
+    assert ready["checks"]["poller:sandbox"]["ok"], ready
+    status = httpx.get(
+        f"{service.url}/admin/status",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=5,
+    ).json()
+    poll = status["brands"]["sandbox"]["poll"]
+    assert poll["watermark"] is not None
+    assert poll["last_outcome"] == "ok"
+
+
+def test_a_webhook_and_a_poll_of_one_change_deliver_it_once(
+    make_service: Any, clopos: Clopos
+) -> None:
+    service: ServiceProcess = make_service(POLL_INTERVAL_SECONDS="2", POLL_LOOKBACK_SECONDS="60")
+    logs = [service.log_path]
+
+    # Webhook first: right after a poll, so the webhook's fetch is done before the next.
+    seen = list_calls(clopos)
+    assert wait_until(lambda: list_calls(clopos) > seen, timeout=10)
+    clopos.state.update_order(1020, status="DELIVERED")
+    answer = httpx.post(
+        f"{service.url}/webhooks/clopos", headers=HEADERS, json={"data": {"id": 1020}}, timeout=5
+    )
+    assert answer.status_code == 202
+    assert wait_until(lambda: 1020 in deliveries(logs), timeout=10), service.tail()
+    polled = list_calls(clopos)
+    assert wait_until(lambda: list_calls(clopos) >= polled + 2, timeout=10)
+    # The polls saw the state already stored: no notice, no second fetch.
+    assert order_events(service.log_path, "poller.order_changed", 1020) == []
+    assert detail_calls(clopos, 1020) == 1
+
+    # Poll first: the change is found and delivered; the late webhook fetches the same
+    # state, which is not delivered again.
+    clopos.state.update_order(1030, status="DELIVERED")
+    assert wait_until(lambda: 1030 in deliveries(logs), timeout=10), service.tail()
+    assert len(order_events(service.log_path, "poller.order_changed", 1030)) == 1
+    answer = httpx.post(
+        f"{service.url}/webhooks/clopos", headers=HEADERS, json={"data": {"id": 1030}}, timeout=5
+    )
+    assert answer.status_code == 202
+
+    def unchanged() -> bool:
+        finished = order_events(service.log_path, "hydration.finished", 1030)
+        return any(e["outcome"] == "unchanged" for e in finished)
+
+    assert wait_until(unchanged, timeout=10), service.tail()
+    time.sleep(0.5)
+    assert deliveries(logs).count(1020) == 1
+    assert deliveries(logs).count(1030) == 1
+    assert clopos.state.rate_limited() == 0
+
+
+def test_a_restart_resumes_at_the_watermark_beyond_its_lookback(
+    make_service: Any, clopos: Clopos
+) -> None:
+    now = time.time()
+    clopos.state.update_order(1040, status="DELIVERED", updated_at=iso(now - 50))
+    first: ServiceProcess = make_service(
+        "run1.log", POLL_INTERVAL_SECONDS="1", POLL_LOOKBACK_SECONDS="60"
+    )
+    assert wait_until(lambda: 1040 in deliveries([first.log_path]), timeout=15), first.tail()
+    first.stop()
+
+    # Changed while the service was down, 40 s ago: after the watermark (the change of
+    # 1040, 50 s ago) but before what a first poll without a watermark would look at.
+    clopos.state.update_order(1050, status="DELIVERED", updated_at=iso(time.time() - 40))
+    second: ServiceProcess = make_service(
+        "run2.log", POLL_INTERVAL_SECONDS="1", POLL_LOOKBACK_SECONDS="0"
+    )
+    assert wait_until(lambda: 1050 in deliveries([second.log_path]), timeout=15), second.tail()
+    time.sleep(1.5)  # another cycle or so
+    assert deliveries([second.log_path]) == [1050]  # 1040 was not fetched again
+    assert detail_calls(clopos, 1040) == 1
