@@ -124,3 +124,19 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def notify(service: ServiceProcess, order_id: int) -> None:
+    """POST one notification with the shared token; it must be accepted."""
+    response = httpx.post(
+        f"{service.url}/webhooks/clopos",
+        headers={"X-Webhook-Token": WEBHOOK_SECRET},
+        json={"data": {"id": order_id}},
+    )
+    assert response.status_code == 202, response.text
+
+
+def logged(service: ServiceProcess, order_id: int) -> int:
+    """How many times the log sink emitted this order."""
+    events = log_events(service.log_path, "sink.log.order")
+    return sum(1 for e in events if e["body"]["order_id"] == order_id)

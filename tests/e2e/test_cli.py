@@ -29,6 +29,8 @@ from tests.e2e.service import (
     WEBHOOK_SECRET,
     ServiceProcess,
     log_events,
+    logged,
+    notify,
     wait_until,
 )
 from tests.servers import free_port
@@ -70,18 +72,6 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("clopos-hydrator: "), lines[0]
     return lines[0]
-
-
-def notify(service: ServiceProcess, order_id: int) -> None:
-    response = httpx.post(
-        f"{service.url}/webhooks/clopos", headers=HEADERS, json={"data": {"id": order_id}}
-    )
-    assert response.status_code == 202, response.text
-
-
-def logged(service: ServiceProcess, order_id: int) -> int:
-    events = log_events(service.log_path, "sink.log.order")
-    return sum(1 for e in events if e["body"]["order_id"] == order_id)
 
 
 def letters(service: ServiceProcess) -> list[dict[str, Any]]:

@@ -22,7 +22,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.e2e.conftest import Clopos
-from tests.e2e.service import ADMIN_TOKEN, WEBHOOK_SECRET, ServiceProcess, log_events, wait_until
+from tests.e2e.service import (
+    ADMIN_TOKEN,
+    WEBHOOK_SECRET,
+    ServiceProcess,
+    log_events,
+    logged,
+    notify,
+    wait_until,
+)
 from tests.servers import ServerThread
 
 HEADERS = {"X-Webhook-Token": WEBHOOK_SECRET}
@@ -83,19 +91,6 @@ def sinks(url: str, **options: Any) -> str:
     """SINKS: the http sink ``hook`` at ``url`` and a log sink beside it."""
     hook = {"type": "http", "name": "hook", "url": url, "secret": SINK_SECRET, **options}
     return json.dumps([hook, {"type": "log", "name": "log"}])
-
-
-def notify(service: ServiceProcess, order_id: int) -> None:
-    response = httpx.post(
-        f"{service.url}/webhooks/clopos", headers=HEADERS, json={"data": {"id": order_id}}
-    )
-    assert response.status_code == 202, response.text
-
-
-def logged(service: ServiceProcess, order_id: int) -> int:
-    """How many times the log sink emitted this order."""
-    events = log_events(service.log_path, "sink.log.order")
-    return sum(1 for e in events if e["body"]["order_id"] == order_id)
 
 
 def fetches(clopos: Clopos, order_id: int) -> int:
