@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,14 +59,18 @@ from app.store.base import Notification, Store
 
 log = get_logger("app.poller")
 
-# Seconds re-read below the watermark on every cycle (whole-second timestamps; see above).
-SLACK_SECONDS = 5.0
+# Seconds re-read below the watermark on every cycle by default (POLL_SLACK_SECONDS):
+# whole-second timestamps need a few; a change that becomes visible in the list some
+# time after its updated_at (a slow commit, a till syncing late, clock skew) needs more.
+# Re-reading costs no fetches: orders already stored are filtered out.
+SLACK_SECONDS = 60.0
 # Readiness: the last successful cycle may be this many intervals old, and at least...
 STALE_INTERVALS = 5
 # ...this many seconds (a short interval must not make readiness flap).
 STALE_MIN_SECONDS = 300.0
 # Order ids as the webhook route accepts them: positive, at most 18 digits.
 MAX_ORDER_ID = 10**18 - 1
+_DIGITS = re.compile(r"^[0-9]{1,18}$")
 
 
 # --- the pure parts ---------------------------------------------------------------------
@@ -107,7 +112,7 @@ def parse_listed(order: Any) -> ListedOrder | None:
     raw_id = order.get("id")
     if isinstance(raw_id, bool):
         return None
-    if isinstance(raw_id, str) and raw_id.isdigit() and len(raw_id) <= 18:
+    if isinstance(raw_id, str) and _DIGITS.match(raw_id):
         raw_id = int(raw_id)
     if not isinstance(raw_id, int) or not 0 < raw_id <= MAX_ORDER_ID:
         return None
@@ -115,7 +120,9 @@ def parse_listed(order: Any) -> ListedOrder | None:
     if updated_at is None:
         return None
     venue = order.get("venue_id")
-    venue_id = str(venue) if isinstance(venue, (int, str)) and str(venue).isdigit() else None
+    # ASCII digits only, as the webhook route demands: str.isdigit() also accepts "²",
+    # which int() refuses and an HTTP header cannot carry.
+    venue_id = str(venue) if isinstance(venue, int | str) and _DIGITS.match(str(venue)) else None
     return ListedOrder(raw_id, venue_id, updated_at)
 
 
@@ -153,12 +160,13 @@ def changed_orders(
     return changed
 
 
-def scan_complete(scan: PageScan, *, returned: int, page: OrdersPage) -> bool:
+def scan_complete(scan: PageScan, *, returned: int) -> bool:
     """Whether the scan has read everything down to its floor: the page went below it,
-    or the list ended (a short page, or the last page by the total)."""
-    if scan.reached_floor or returned < page.limit:
-        return True
-    return page.total is not None and page.page * page.limit >= page.total
+    or the list ended (an empty page). Neither a short page nor the total is trusted:
+    Clopos documents different page-size caps on different pages, and a server paging
+    by 50 while we ask for 100 would otherwise end a scan after half of what it had.
+    The cost is one empty page at the very end of a list, which is rare."""
+    return scan.reached_floor or returned == 0
 
 
 def next_watermark(
@@ -276,6 +284,7 @@ class Poller:
         max_pages: int,
         lookback: float,
         is_paused: Callable[[str], bool],
+        slack: float = SLACK_SECONDS,
         on_credentials_rejected: Callable[[str, CloposError], None],
         on_enqueued: Callable[[], None],
         observer: PollObserver,
@@ -287,6 +296,7 @@ class Poller:
         self._page_size = page_size
         self._max_pages = max_pages
         self._lookback = lookback
+        self._slack = slack
         self._is_paused = is_paused
         self._on_credentials_rejected = on_credentials_rejected
         self._on_enqueued = on_enqueued
@@ -419,7 +429,7 @@ class Poller:
             cursor = Cursor(cursor.page + 1, cursor.floor, _newer(cursor.newest, scan.newest))
             # From here on, an error (or the page cap) continues after this page.
             self._cursors[brand] = cursor
-            if scan_complete(scan, returned=len(page.orders), page=page):
+            if scan_complete(scan, returned=len(page.orders)):
                 await self._finish_scan(brand, cursor, now)
                 self._succeeded(status, "ok", now)
                 return Cycle("ok", progress.enqueued, progress.pages)
@@ -452,7 +462,7 @@ class Poller:
         # The slack applies to the lookback too: an order changed a moment ago carries
         # the whole second before it, which can be earlier than ``now - lookback``.
         start = now - self._lookback if watermark is None else watermark
-        return Cursor(page=1, floor=start - SLACK_SECONDS)
+        return Cursor(page=1, floor=start - self._slack)
 
     async def _enqueue_changed(
         self, brand: str, candidates: list[ListedOrder], now: float, progress: _Progress

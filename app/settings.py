@@ -170,6 +170,7 @@ class Settings(BaseSettings):
     poll_max_pages: int = Field(default=10, ge=1, le=1000)
     # How far back the very first poll of a brand looks (later ones resume at the watermark).
     poll_lookback_seconds: float = Field(default=900.0, ge=0, le=30 * 86_400)
+    poll_slack_seconds: float = Field(default=60.0, ge=1, le=3600)
 
     # --- Operations ---
     admin_token: SecretStr | None = None

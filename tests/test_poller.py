@@ -32,7 +32,6 @@ from app.errors import (
 from app.metrics import Metrics
 from app.pauses import BrandPauses
 from app.poller import (
-    SLACK_SECONDS,
     ListedOrder,
     Poller,
     changed_orders,
@@ -59,6 +58,8 @@ from app.store.sqlite import SqliteStore
 from tests.servers import ServerThread
 
 T = 1_770_000_000.0
+# The rig's slack (the setting's default is larger; these scenarios are about seconds).
+TEST_SLACK = 5.0
 BRAND = DEFAULT_BRAND
 LIST_PATH = "/open-api/v2/orders"
 
@@ -191,26 +192,27 @@ def test_changed_orders_are_those_newer_than_what_is_stored() -> None:
 def test_scan_completes_below_the_floor_or_at_the_end_of_the_list() -> None:
     below = scan_page([order(1, iso(T)), order(2, iso(T - 100))], T - 5)
     above = scan_page([order(1, iso(T))] * 5, T - 5)
-    assert scan_complete(below, returned=5, page=page_of(5))
-    assert scan_complete(above, returned=3, page=page_of(3))  # a short page: the end
-    assert scan_complete(above, returned=5, page=page_of(5, page=2, total=10))  # last by total
-    assert not scan_complete(above, returned=5, page=page_of(5, page=1, total=11))
-    assert not scan_complete(above, returned=5, page=page_of(5))  # no total: read on
+    assert scan_complete(below, returned=5)
+    assert scan_complete(above, returned=0)  # an empty page: the end
+    assert not scan_complete(above, returned=5)  # a full page: read on
+    # A server paging by 50 while we asked for 100 has not ended its list: neither its
+    # short page nor a total computed with our page size is trusted.
+    assert not scan_complete(above, returned=50)
 
 
 def test_next_watermark_is_the_newest_read_never_backwards_never_ahead_of_now() -> None:
     assert next_watermark(None, T, floor=T - 900, now=T + 5) == T
-    assert next_watermark(T, T - 30, floor=T - SLACK_SECONDS, now=T + 5) == T  # backwards: no
-    assert next_watermark(T, T + 3, floor=T - SLACK_SECONDS, now=T + 5) == T + 3
+    assert next_watermark(T, T - 30, floor=T - TEST_SLACK, now=T + 5) == T  # backwards: no
+    assert next_watermark(T, T + 3, floor=T - TEST_SLACK, now=T + 5) == T + 3
     # An order stamped in the future must not make later changes look old.
-    assert next_watermark(T, T + 3600, floor=T - SLACK_SECONDS, now=T + 5) == T + 5
+    assert next_watermark(T, T + 3600, floor=T - TEST_SLACK, now=T + 5) == T + 5
 
 
 def test_a_first_poll_remembers_its_lookback_even_when_it_found_nothing_new() -> None:
     assert next_watermark(None, None, floor=T - 900, now=T) == T - 900
     # Only older orders listed: the next scan must not reach below the lookback.
     assert next_watermark(None, T - 5000, floor=T - 900, now=T) == T - 900
-    assert next_watermark(T, None, floor=T - SLACK_SECONDS, now=T + 30) == T
+    assert next_watermark(T, None, floor=T - TEST_SLACK, now=T + 30) == T
 
 
 def test_dedup_key_names_one_state_of_one_order() -> None:
@@ -274,6 +276,7 @@ class Rig:
             "lookback": 900.0,
         }
         options.update(overrides)
+        options.setdefault("slack", TEST_SLACK)
         return Poller(
             store=self.store,
             listers={BRAND: self.client},
@@ -430,7 +433,7 @@ async def test_a_change_in_the_same_second_as_the_watermark_is_not_missed(rig: R
 async def test_a_backlog_is_read_over_several_cycles_without_skipping(rig: Rig) -> None:
     poller = rig.poller(lookback=0, page_size=5, max_pages=2)
     await poller.cycle(BRAND)  # nothing within the lookback: it is remembered as read
-    assert await rig.store.get_poll_watermark(BRAND) == T - SLACK_SECONDS
+    assert await rig.store.get_poll_watermark(BRAND) == T - TEST_SLACK
     backlog = list(range(1001, 1024))  # 23 changes, one a second, more than 2 pages of 5
     for index, order_id in enumerate(backlog):
         rig.touch(order_id, at=T + 10 + index)
@@ -439,7 +442,7 @@ async def test_a_backlog_is_read_over_several_cycles_without_skipping(rig: Rig) 
     first = await poller.cycle(BRAND)
     assert (first.outcome, first.enqueued, first.pages) == ("partial", 10, 2)
     # Not moved past the pages not read yet.
-    assert await rig.store.get_poll_watermark(BRAND) == T - SLACK_SECONDS
+    assert await rig.store.get_poll_watermark(BRAND) == T - TEST_SLACK
     assert poller.status(BRAND).backlog_page == 3
 
     # Meanwhile an order already read and one not yet read change again (both jump to
@@ -565,3 +568,11 @@ async def test_stop_ends_the_loop_promptly(rig: Rig) -> None:
     poller.stop()
     await asyncio.wait_for(runner, timeout=2)
     assert not poller.alive
+
+
+def test_unicode_digits_are_not_order_or_venue_ids() -> None:
+    """str.isdigit() accepts '²'; int() refuses it and no HTTP header can carry it."""
+    assert parse_listed({"id": "²", "updated_at": iso(T)}) is None
+    listed = parse_listed({"id": "7", "venue_id": "²", "updated_at": iso(T)})
+    assert listed is not None
+    assert (listed.order_id, listed.venue_id) == (7, None)
