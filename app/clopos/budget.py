@@ -86,13 +86,18 @@ def _header_number(headers: Mapping[str, str], name: str) -> float | None:
     return number
 
 
+MAX_HOLD_SECONDS = 3600.0
+
+
 def retry_after_seconds(headers: Mapping[str, str]) -> float:
-    """How long a 429 asks us to wait: ``max(RateLimit-Reset, Retry-After, 1)`` seconds."""
+    """How long a 429 asks us to wait: ``max(RateLimit-Reset, Retry-After, 1)`` seconds,
+    capped at an hour: the windows are a minute long, and a broken header must not park
+    the whole tenant for days."""
     candidates = [
         _header_number(headers, "RateLimit-Reset"),
         _header_number(headers, "Retry-After"),
     ]
-    return max([1.0, *(c for c in candidates if c is not None)])
+    return min(MAX_HOLD_SECONDS, max([1.0, *(c for c in candidates if c is not None)]))
 
 
 @dataclass
