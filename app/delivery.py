@@ -37,7 +37,7 @@ class DeliveryObserver(Protocol):
     """Where delivery attempts are counted (app.metrics.Metrics satisfies it)."""
 
     def delivery_finished(
-        self, sink: str, outcome: str, reason: str | None, seconds: float, latency: float
+        self, sink: str, outcome: str, reason: str | None, seconds: float | None, latency: float
     ) -> None: ...
 
 
@@ -55,6 +55,8 @@ class SinkDeliverer:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._observer = observer
+        # When the last retry this deliverer scheduled comes due (see idle()).
+        self._retries_until = 0.0
         self.sink = sink
         self.breaker = breaker
         self._store = store
@@ -78,8 +80,11 @@ class SinkDeliverer:
         return 0.0, free
 
     def idle(self) -> None:
-        """Nothing was due for this sink: a pending half-open trial is moot."""
-        if self.breaker.state == "half_open":
+        """Nothing was due for this sink. If no retry this deliverer scheduled is still
+        waiting in backoff either, a pending half-open trial is moot: close the breaker
+        (a sink whose failed work all went to dead letters is not known to be broken).
+        While retries wait, stay half-open: the first one to come due is the trial."""
+        if self.breaker.state == "half_open" and self._clock() >= self._retries_until:
             self.breaker.trial_unused()
             log.info("sink.breaker.closed", sink=self.sink.name, reason="nothing_to_try")
 
@@ -140,13 +145,16 @@ class SinkDeliverer:
 
     async def crashed(self, delivery: Delivery, exc: Exception) -> None:
         """A bug surfaced while delivering: end it visibly, not in a retry loop."""
-        await self._store.dead_letter_delivery(
+        stored = await self._store.dead_letter_delivery(
             delivery,
             reason="internal_error",
             error=f"{type(exc).__name__}: {exc}"[:500],
             now=self._clock(),
         )
-        self._observer.delivery_finished(self.sink.name, "dead_letter", "internal_error", 0, 0)
+        if stored:  # else the lease was lost: another worker owns the outcome
+            self._observer.delivery_finished(
+                self.sink.name, "dead_letter", "internal_error", None, 0.0
+            )
 
     async def _failed(self, delivery: Delivery, exc: SinkError) -> DeliveryAttempt:
         now = self._clock()
@@ -170,4 +178,5 @@ class SinkDeliverer:
                 "dead_letter", f"{decision.reason}: {detail}", reason=decision.reason
             )
         await self._store.retry_delivery(delivery, retry_at=now + decision.delay, error=detail)
+        self._retries_until = max(self._retries_until, now + decision.delay)
         return DeliveryAttempt("retry", detail, decision.delay)

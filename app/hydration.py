@@ -62,7 +62,7 @@ class AttemptObserver(Protocol):
     """Where attempts are counted (app.metrics.Metrics satisfies it)."""
 
     def hydration_finished(
-        self, brand: str, outcome: str, reason: str | None, seconds: float, latency: float
+        self, brand: str, outcome: str, reason: str | None, seconds: float | None, latency: float
     ) -> None: ...
 
 
@@ -171,8 +171,9 @@ class Hydrator:
 
     async def crashed(self, job: HydrationJob, exc: Exception) -> None:
         """A bug surfaced while processing this job: end it visibly, not in a retry loop."""
-        await self._dead(job, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
-        self._observer.hydration_finished(job.brand, "dead_letter", "internal_error", 0, 0)
+        attempt = await self._dead(job, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
+        if attempt.outcome == "dead_letter":
+            self._observer.hydration_finished(job.brand, "dead_letter", "internal_error", None, 0.0)
 
     async def _failed(self, job: HydrationJob, exc: CloposError) -> Attempt:
         now = self._clock()
@@ -219,5 +220,7 @@ class Hydrator:
         )
 
     async def _dead(self, job: HydrationJob, reason: str, error: str) -> Attempt:
-        await self._store.dead_letter_hydration(job, reason=reason, error=error, now=self._clock())
+        now = self._clock()
+        if not await self._store.dead_letter_hydration(job, reason=reason, error=error, now=now):
+            return Attempt("lost_lease", "another worker owns this job now")
         return Attempt("dead_letter", f"{reason}: {error}", reason=reason)

@@ -244,20 +244,22 @@ class Metrics:
         self.registry.register(_StateCollector(lambda: self.state))
 
     def hydration_finished(
-        self, brand: str, outcome: str, reason: str | None, seconds: float, latency: float
+        self, brand: str, outcome: str, reason: str | None, seconds: float | None, latency: float
     ) -> None:
+        """``seconds`` is None when the attempt was not timed (a crash)."""
         self.hydrations.labels(brand, outcome).inc()
-        if outcome in ("stored", "unchanged", "stale"):
+        if outcome in ("stored", "unchanged", "stale") and seconds is not None:
             self.hydration_seconds.labels(brand).observe(seconds)
             self.hydration_latency.labels(brand).observe(latency)
         if outcome == "dead_letter":
             self.dead_lettered.labels("hydration", reason or "unknown").inc()
 
     def delivery_finished(
-        self, sink: str, outcome: str, reason: str | None, seconds: float, latency: float
+        self, sink: str, outcome: str, reason: str | None, seconds: float | None, latency: float
     ) -> None:
+        """``seconds`` is None when the attempt was not timed (a crash)."""
         self.deliveries.labels(sink, outcome).inc()
-        if outcome != "lost_lease":
+        if outcome != "lost_lease" and seconds is not None:
             self.delivery_seconds.labels(sink).observe(seconds)
         if outcome == "delivered":
             self.delivery_latency.labels(sink).observe(latency)
