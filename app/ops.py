@@ -83,6 +83,13 @@ def readiness_checks(runtime: Runtime, store_check: Check) -> dict[str, Check]:
         for brand in runtime.config.brands:
             ok, detail = runtime.poller.readiness(brand)
             checks[f"poller:{brand}"] = Check(ok, detail)
+    if runtime.orphaned_sinks:
+        checks["unconfigured_sinks"] = Check(
+            False,
+            "deliveries wait for sinks not in SINKS: "
+            + ", ".join(runtime.orphaned_sinks)
+            + " (restore their names in SINKS: renaming a sink strands its queue)",
+        )
     checks["backlog"] = _backlog_check(runtime)
     if runtime.config.settings.webhook_secret is None and (
         runtime.config.settings.webhook_allow_unauthenticated

@@ -123,6 +123,7 @@ class Runtime:
         self.on_fatal: Callable[[str], None] = lambda reason: None
         self.last_stats: StoreStats | None = None
         self.last_store_error: str | None = None
+        self.orphaned_sinks: list[str] = []
 
     def _breaker_for(self, index: int) -> CircuitBreaker:
         sink_config = self.config.settings.sinks[index]
@@ -146,6 +147,7 @@ class Runtime:
             page_size=settings.poll_page_size,
             max_pages=settings.poll_max_pages,
             lookback=settings.poll_lookback_seconds,
+            slack=settings.poll_slack_seconds,
             is_paused=lambda brand: brand in self.paused,
             on_credentials_rejected=self.paused.pause,
             on_enqueued=self.wake_hydration,
@@ -215,6 +217,9 @@ class Runtime:
         """Read queue stats and component states for /metrics and /readyz."""
         try:
             stats = await self.store.stats(now=time.time())
+            # Work queued under a sink name no longer in SINKS (a renamed or removed sink)
+            # is never claimed: readiness names it rather than letting it wait in silence.
+            self.orphaned_sinks = sorted(set(stats.deliveries) - set(self.deliverers))
             # The store lists only sinks with work; show every configured sink, idle ones at 0.
             idle = QueueStats(pending=0, running=0, oldest_pending_age=None)
             deliveries = {name: stats.deliveries.get(name, idle) for name in self.deliverers}

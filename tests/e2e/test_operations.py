@@ -320,6 +320,23 @@ def test_readiness_recovers_when_the_broken_sinks_work_ended_in_dead_letters(
     assert value(scrape(service), "clopos_hydrator_sink_circuit_open", sink="hook") == 0
 
 
+def test_readiness_names_deliveries_stranded_under_a_removed_sink_name(
+    make_service: Any, receiver: tuple[SinkReceiver, str]
+) -> None:
+    rx, url = receiver
+    rx.status = 503  # deliveries to "hook" stay queued
+    first: ServiceProcess = make_service("first.log", SINKS=sinks(url))
+    notify(first, 1001)
+    assert wait_until(lambda: rx.received(1001, ok=False), timeout=10), first.tail()
+    first.stop()
+    renamed = json.dumps([{"type": "log", "name": "log"}])  # "hook" left SINKS
+    second: ServiceProcess = make_service("second.log", SINKS=renamed)
+    status, checks = readyz(second)
+    assert status == 503
+    assert not checks["unconfigured_sinks"]["ok"]
+    assert "hook" in checks["unconfigured_sinks"]["detail"]
+
+
 ADMIN_ROUTES = [
     ("GET", "/admin/status"),
     ("GET", "/admin/dead-letters"),
