@@ -22,8 +22,10 @@ state a cycle is one list call. The first poll of a brand looks back
 restart after downtime), the watermark stays where it is (moving it would skip the
 pages not read) and the next cycle continues at the next page. Listing newest first,
 pages only shift *down* while orders change (a changed order jumps to the top), so
-continuing may re-read an order but never skips one; the orders that jumped to the
-top are newer than the scan's newest, and the next cycle after the scan sees them.
+continuing may re-read an order but does not skip one, as long as the list keeps its
+order between calls (orders tied on the same second may be paged in any order by the
+server: a known limit); the orders that jumped to the top are newer than the scan's
+newest, and the next cycle after the scan sees them.
 The cursor lives in memory: after a restart the scan starts over, and what it had
 already enqueued comes back as duplicates (same dedup key), not as fetches.
 
