@@ -427,6 +427,13 @@ class Poller:
             progress.pages += 1
             scan = scan_page(page.orders, cursor.floor)
             progress.unusable += scan.unusable
+            if page.orders and scan.unusable == len(page.orders):
+                # Nothing on it can be read (an answer shape we do not know): reading on
+                # would walk the whole history and report success while seeing nothing.
+                raise CloposPermanentError(
+                    f"none of the {len(page.orders)} listed orders has a usable id and "
+                    "updated_at"
+                )
             await self._enqueue_changed(brand, scan.candidates, now, progress)
             cursor = Cursor(cursor.page + 1, cursor.floor, _newer(cursor.newest, scan.newest))
             # From here on, an error (or the page cap) continues after this page.

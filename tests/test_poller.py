@@ -277,9 +277,9 @@ class Rig:
         }
         options.update(overrides)
         options.setdefault("slack", TEST_SLACK)
+        options.setdefault("listers", {BRAND: self.client})
         return Poller(
             store=self.store,
-            listers={BRAND: self.client},
             is_paused=lambda brand: brand in self.pauses,
             on_credentials_rejected=self.pauses.pause,
             on_enqueued=lambda: self.woken.append(1),
@@ -576,3 +576,25 @@ def test_unicode_digits_are_not_order_or_venue_ids() -> None:
     listed = parse_listed({"id": "7", "venue_id": "²", "updated_at": iso(T)})
     assert listed is not None
     assert (listed.order_id, listed.venue_id) == (7, None)
+
+
+class JunkLister:
+    """A list endpoint whose rows the poller cannot read (an unforeseen answer shape)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def list_orders(self, **_: Any) -> OrdersPage:
+        self.calls += 1
+        rows = [{"id": n, "updated_at": 1_700_000_000 + n} for n in range(1, 6)]  # numbers
+        return OrdersPage(orders=rows, total=None, page=1, limit=5)
+
+
+async def test_a_page_of_unreadable_orders_fails_the_cycle_visibly(rig: Rig) -> None:
+    lister = JunkLister()
+    poller = rig.poller(page_size=5, max_pages=10, listers={BRAND: lister})
+    cycle = await poller.cycle(BRAND)
+    assert cycle.outcome == "rejected"  # not "partial" or "ok": readiness will say so
+    assert lister.calls == 1  # it did not walk page after page
+    assert poller.status(BRAND).last_error is not None
+    assert await rig.store.get_poll_watermark(BRAND) is None  # nothing claimed as read
