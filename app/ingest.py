@@ -201,7 +201,10 @@ async def _accept(runtime: Runtime, request: Request, brand: str) -> JSONRespons
             result = await runtime.store.enqueue(notification)
     except (StoreError, TimeoutError) as exc:
         log.error(
-            "webhook.store_unavailable", brand=brand, order_id=notice.order_id, error=str(exc)
+            "webhook.store_unavailable",
+            brand=brand,
+            order_id=notice.order_id,
+            error=repr(exc),  # a TimeoutError's str() is empty
         )
         runtime.metrics.rejected.labels("store_unavailable").inc()
         return JSONResponse(
