@@ -49,6 +49,7 @@ from app.sandbox import (
     create_sandbox_app,
 )
 from app.settings import BrandConfig
+from tests.clock import FakeClock
 from tests.servers import ServerThread, free_port
 
 ORDERS = "/open-api/v2/orders"
@@ -66,20 +67,6 @@ CREDENTIALS = {
     "brand": DEFAULT_BRAND,
     "integrator_id": DEFAULT_INTEGRATOR_ID,
 }
-
-
-class FakeClock:
-    """Epoch-like time shared by sandbox, client and budget; the fake sleep advances it."""
-
-    def __init__(self) -> None:
-        self.now = 1_770_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 @dataclass

@@ -55,6 +55,7 @@ from app.sandbox.orders import iso
 from app.settings import BrandConfig, load_settings
 from app.store.base import NewSnapshot
 from app.store.sqlite import SqliteStore
+from tests.clock import FakeClock
 from tests.servers import ServerThread
 
 T = 1_770_000_000.0
@@ -246,18 +247,6 @@ def test_failures_have_stable_outcomes(error: CloposError, outcome: str) -> None
 # --- whole cycles, against the sandbox and a real store ------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
-
-
 @dataclass
 class Rig:
     clock: FakeClock
@@ -328,7 +317,7 @@ class Rig:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T)
 
 
 @pytest.fixture

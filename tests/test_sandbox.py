@@ -19,6 +19,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 from app.sandbox import SandboxState, create_sandbox_app
+from tests.clock import FakeClock
 from tests.servers import ServerThread
 
 CREDENTIALS = {
@@ -32,22 +33,9 @@ TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.000000Z$")
 START = 1_770_000_000.0  # 2026-02-02T02:40:00Z
 
 
-class FakeClock:
-    """A clock the test moves by hand; the state reads it through ``__call__``."""
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(START)
 
 
 @pytest.fixture
