@@ -431,8 +431,7 @@ class Poller:
                 # Nothing on it can be read (an answer shape we do not know): reading on
                 # would walk the whole history and report success while seeing nothing.
                 raise CloposPermanentError(
-                    f"none of the {len(page.orders)} listed orders has a usable id and "
-                    "updated_at"
+                    f"none of the {len(page.orders)} listed orders has a usable id and updated_at"
                 )
             await self._enqueue_changed(brand, scan.candidates, now, progress)
             cursor = Cursor(cursor.page + 1, cursor.floor, _newer(cursor.newest, scan.newest))
