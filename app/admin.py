@@ -182,11 +182,7 @@ async def status(runtime: RuntimeDep) -> dict[str, Any]:
     """Everything `clopos-hydrator status` shows, as JSON."""
     await runtime.refresh_state()
     stats = runtime.last_stats
-    queues: dict[str, Any] = {}
-    if stats is not None:
-        queues["hydration"] = asdict(stats.hydration)
-        for sink, queue in stats.deliveries.items():
-            queues[f"delivery:{sink}"] = asdict(queue)
+    queues = {name: asdict(q) for name, q in stats.queues().items()} if stats else {}
     dead: dict[str, int] = {}
     for (kind, reason, sink), count in (stats.dead_letters if stats else {}).items():
         key = f"{kind}/{reason}" + (f"/{sink}" if sink else "")

@@ -40,12 +40,8 @@ def _backlog_check(runtime: Runtime) -> Check:
     if stats is None:
         return Check(False, f"stats unavailable: {runtime.last_store_error}")
     settings = runtime.config.settings
-    queues = {
-        "hydration": stats.hydration,
-        **{f"delivery:{k}": v for k, v in stats.deliveries.items()},
-    }
     problems = []
-    for name, queue in queues.items():
+    for name, queue in stats.queues().items():
         if queue.pending > settings.ready_max_backlog:
             problems.append(f"{name} has {queue.pending} waiting (> {settings.ready_max_backlog})")
         age = queue.oldest_pending_age or 0.0

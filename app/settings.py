@@ -28,7 +28,6 @@ from app.errors import ConfigError
 from app.signing import secret_key
 
 DEFAULT_ORDER_ID_PATHS = ("data.id", "data.order_id", "order.id", "order_id", "id")
-DEFAULT_BRAND_KEY = "default"
 
 
 class BrandConfig(BaseModel):

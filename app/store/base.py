@@ -187,6 +187,12 @@ class StoreStats:
     dead_letters: dict[tuple[str, str, str], int] = field(default_factory=dict)
     # key: (kind, reason, sink or "") -> count
 
+    def queues(self) -> dict[str, QueueStats]:
+        """Every queue by its operator-facing name: ``hydration``, ``delivery:<sink>``."""
+        named = {"hydration": self.hydration}
+        named.update({f"delivery:{sink}": queue for sink, queue in self.deliveries.items()})
+        return named
+
 
 @dataclass(frozen=True)
 class PruneResult:
