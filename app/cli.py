@@ -16,9 +16,11 @@ import uvicorn
 
 from app import cli_ops
 from app.cli_ops import add_command
-from app.errors import ConfigError
+from app.errors import ConfigError, StoreError
 from app.logs import configure_logging, get_logger
 from app.settings import Config, load_settings
+from app.store import hold_database
+from app.store.lock import DatabaseLock
 
 log = get_logger("app.cli")
 
@@ -47,6 +49,16 @@ def _require_brand(config: Config) -> None:
             "no brand configured: set CLOPOS_CLIENT_ID, CLOPOS_CLIENT_SECRET, CLOPOS_BRAND and "
             "CLOPOS_INTEGRATOR_ID, or CLOPOS_BRANDS_FILE",
         )
+
+
+def _hold_database(config: Config) -> DatabaseLock | None:
+    """One process per SQLite file: take its lock before anything touches the file, and
+    keep it until the process ends (the kernel drops it then, even after kill -9). A file
+    in use is refused like a bad setting: one line naming it, exit 2."""
+    try:
+        return hold_database(config.settings.database_url)
+    except StoreError as exc:
+        raise ConfigError("DATABASE_URL", str(exc)) from exc
 
 
 async def _serve(config: Config, host: str, port: int, mount: Callable[[Any], None] | None) -> int:
@@ -88,7 +100,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config()
     _setup_logging(config)
     _require_brand(config)
-    return asyncio.run(_serve(config, args.host, args.port, None))
+    lock = _hold_database(config)
+    try:
+        return asyncio.run(_serve(config, args.host, args.port, None))
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -110,6 +127,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         os.environ.setdefault("LOG_FORMAT", "console")
     config = _config(overrides)
     _setup_logging(config)
+    lock = _hold_database(config)
     secret = config.webhook_secret_for("sandbox")
     state.notify_url = f"{public}/webhooks/clopos"
     state.notify_token = secret
@@ -118,7 +136,11 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     def mount(app: Any) -> None:
         app.mount("/sandbox", create_sandbox_app(state))
 
-    return asyncio.run(_serve(config, args.host, args.port, mount))
+    try:
+        return asyncio.run(_serve(config, args.host, args.port, mount))
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _shown(value: str | None, name: str) -> str:

@@ -6,6 +6,7 @@ messages::
     HydratorError
     ├── ConfigError                    settings that cannot work; start-up stops
     ├── StoreError                     the durable store could not read or commit
+    │   └── StoreInUseError            another process holds the SQLite file (its lock)
     ├── CloposError                    anything the Clopos client raises
     │   ├── CloposTransientError       5xx, 504, timeouts, connection errors: retry
     │   ├── CloposRateLimited          429: wait ``retry_after`` s; not a failed attempt
@@ -42,6 +43,10 @@ class ConfigError(HydratorError):
 
 class StoreError(HydratorError):
     """The store could not complete an operation (I/O error, locked, unreachable)."""
+
+
+class StoreInUseError(StoreError):
+    """Another process holds the one-process lock of this SQLite file."""
 
 
 # --- Clopos ---------------------------------------------------------------------------

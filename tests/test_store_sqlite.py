@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import ConfigError, StoreError
+from app.errors import ConfigError, StoreError, StoreInUseError
 from app.store import open_store, sqlite_path
 from app.store.base import DeadLetterFilter, NewSnapshot, Notification
 from app.store.sqlite import SqliteStore
@@ -393,3 +393,43 @@ async def test_leases_of_a_dead_process_are_void_at_open(tmp_path: Path) -> None
     again = await second.claim_hydrations(limit=1, now=1001.0, lease_seconds=600)
     assert [job.order_id for job in again] == [7]
     await second.close()
+
+
+# Opens the store and holds it until stdin closes.
+HOLDING_STORE = """
+import asyncio, sys
+from app.store.sqlite import SqliteStore
+
+async def main():
+    store = SqliteStore(sys.argv[1])
+    await store.open()
+    print("open", flush=True)
+    sys.stdin.read()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_store_in_use_by_another_process_refuses_to_open(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDING_STORE, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert "open" in (line.strip() for line in holder.stdout), "the holder never opened"
+        with pytest.raises(StoreInUseError) as refused:
+            await SqliteStore(path).open()
+        assert f"{path} is in use by another process (pid {holder.pid})" in str(refused.value)
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock with the process
+        holder.wait(10)
+    store = SqliteStore(path)
+    await store.open()
+    await store.ping()
+    await store.close()

@@ -11,6 +11,7 @@ from urllib.parse import unquote
 
 from app.errors import ConfigError
 from app.store.base import Store
+from app.store.lock import DatabaseLock
 
 SQLITE_PREFIX = "sqlite:///"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -35,6 +36,15 @@ def sqlite_path(database_url: str) -> Path:
     return Path(path)
 
 
+def hold_database(database_url: str) -> DatabaseLock | None:
+    """Take the one-process lock of a SQLite database now, for the life of the process
+    (the CLI does, before anything else touches the file). None for other backends.
+    Raises :class:`~app.errors.StoreInUseError` when another process holds it."""
+    if not database_url.startswith("sqlite:"):
+        return None
+    return DatabaseLock(sqlite_path(database_url))
+
+
 def open_store(database_url: str) -> Store:
     """Build the store for ``database_url`` (not yet opened)."""
     if database_url.startswith(POSTGRES_SCHEMES):
@@ -46,4 +56,4 @@ def open_store(database_url: str) -> Store:
     raise ConfigError("DATABASE_URL", "must start with sqlite:/// or postgresql://")
 
 
-__all__ = ["Store", "open_store", "sqlite_path"]
+__all__ = ["Store", "hold_database", "open_store", "sqlite_path"]

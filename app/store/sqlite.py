@@ -52,6 +52,7 @@ from app.store.base import (
     ReplayMode,
     StoreStats,
 )
+from app.store.lock import DatabaseLock
 from app.store.sqlite_writer import GroupCommitWriter
 
 T = TypeVar("T")
@@ -86,6 +87,7 @@ class SqliteStore:
         # Only for bookkeeping stamps (updated_at) of calls that take no ``now``.
         self._clock = clock
         self._writer: GroupCommitWriter | None = None
+        self._lock: DatabaseLock | None = None
         self._commits_before = 0  # commits of writers from earlier open/close cycles
 
     @property
@@ -96,8 +98,16 @@ class SqliteStore:
     async def open(self) -> None:
         if self._writer is not None:
             return
+        # Before anything touches the file: voiding leases below is right only when no
+        # other process holds any (app/store/lock.py).
+        lock = DatabaseLock(self.path)
         writer = GroupCommitWriter(self.path, batch_limit=self._batch_limit)
-        await writer.start()
+        try:
+            await writer.start()
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
         self._writer = writer
         voided = await self.run("void_orphaned_leases", _void_orphaned_leases)
         if voided:
@@ -108,6 +118,9 @@ class SqliteStore:
         if writer is not None:
             await writer.stop()
             self._commits_before += writer.commits
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     async def run(self, name: str, fn: Callable[[Conn], T]) -> T:
         """Run ``fn(connection)`` on the writer thread, in the next group commit.
