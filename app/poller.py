@@ -4,7 +4,9 @@ Clopos's webhooks are not generally available yet (shared/clopos-api.md), and it
 is to poll the list endpoint, newest first. So, besides the notifications it receives,
 the service lists ``GET /v2/orders`` sorted by ``updated_at`` descending for every
 configured brand, every ``POLL_INTERVAL_SECONDS``, and enqueues a notice
-(``source="poller"``) for each listed order whose state is newer than the one stored.
+(``source="poller"``) for each listed order whose state is not the one stored:
+compared by content (the snapshot id the listed order would get), because Clopos
+stamps have whole seconds and two states in one second have equal ``updated_at``.
 From there it is ordinary work: the hydration workers fetch the order as after a
 webhook. A poll and a webhook for one change coalesce into one fetch, and a poll of a
 state already stored enqueues nothing, so nothing is delivered twice.
@@ -40,7 +42,7 @@ import contextlib
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
@@ -56,8 +58,8 @@ from app.errors import (
     StoreError,
 )
 from app.logs import get_logger
-from app.snapshot import parse_clopos_time
-from app.store.base import Notification, Store
+from app.snapshot import parse_clopos_time, snapshot_key
+from app.store.base import KnownState, Notification, Store
 
 log = get_logger("app.poller")
 
@@ -80,11 +82,17 @@ _DIGITS = re.compile(r"^[0-9]{1,18}$")
 
 @dataclass(frozen=True)
 class ListedOrder:
-    """What the poller needs of one listed order (the rest is fetched by hydration)."""
+    """One listed order: what the poller reads of it, and the order object verbatim
+    (its content is what tells one state from another)."""
 
     order_id: int
     venue_id: str | None
     updated_at: float
+    order: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def state_key(self, brand: str) -> str:
+        """The snapshot id this listed state has: the id hydration gives the same content."""
+        return snapshot_key(brand, self.order_id, self.order)
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,7 @@ def parse_listed(order: Any) -> ListedOrder | None:
     # ASCII digits only, as the webhook route demands: str.isdigit() also accepts "²",
     # which int() refuses and an HTTP header cannot carry.
     venue_id = str(venue) if isinstance(venue, int | str) and _DIGITS.match(str(venue)) else None
-    return ListedOrder(raw_id, venue_id, updated_at)
+    return ListedOrder(raw_id, venue_id, updated_at, order)
 
 
 def scan_page(orders: Sequence[Any], floor: float) -> PageScan:
@@ -150,16 +158,28 @@ def scan_page(orders: Sequence[Any], floor: float) -> PageScan:
     return PageScan(list(candidates.values()), newest, reached, unusable)
 
 
+def is_new_state(listed_key: str, updated_at: float, stored: KnownState | None) -> bool:
+    """Whether a listed state may be one the store has not seen: compared by content
+    (the snapshot id), not by clock. Clopos stamps have whole seconds, so a second
+    change within the second of the stored state has an *equal* ``updated_at`` and only
+    its content tells it apart. A listed stamp older than the stored one is an older
+    state (the list lagging behind a fetch), not a change."""
+    if stored is None or stored.key is None:
+        return True
+    if stored.key == listed_key:
+        return False
+    return stored.updated_at is None or updated_at >= stored.updated_at
+
+
 def changed_orders(
-    candidates: Sequence[ListedOrder], known: dict[int, float | None]
+    brand: str, candidates: Sequence[ListedOrder], known: dict[int, KnownState]
 ) -> list[ListedOrder]:
-    """The candidates whose listed state is newer than the stored one (or not stored)."""
-    changed = []
-    for order in candidates:
-        stored = known.get(order.order_id)
-        if stored is None or stored < order.updated_at:
-            changed.append(order)
-    return changed
+    """The candidates whose listed state is not the stored one, nor older than it."""
+    return [
+        order
+        for order in candidates
+        if is_new_state(order.state_key(brand), order.updated_at, known.get(order.order_id))
+    ]
 
 
 def scan_complete(scan: PageScan, *, returned: int) -> bool:
@@ -191,12 +211,12 @@ def _newer(a: float | None, b: float | None) -> float | None:
     return max(a, b)
 
 
-def dedup_key(order: ListedOrder) -> str:
-    """One key per listed state: a second poll of the same state is a duplicate."""
-    stamp = (
-        f"{order.updated_at:.0f}" if order.updated_at.is_integer() else f"{order.updated_at:.6f}"
-    )
-    return f"poll:{order.order_id}:{stamp}"
+def dedup_key(brand: str, order: ListedOrder) -> str:
+    """One key per listed state (by content): a second poll of the same state is a
+    duplicate, a second state in the same whole second is not. Where list payloads
+    differ from detail payloads (HYDRATE_FROM_LIST=false), this is also what bounds the
+    cost of comparing them: one fetch per listed state, not one per poll."""
+    return f"poll:{order.order_id}:{order.state_key(brand)}"
 
 
 def stale_after(interval: float) -> float:
@@ -421,8 +441,9 @@ class Poller:
                 limit=self._page_size,
                 sort_by="updated_at",
                 descending=True,
-                # The receipt is hydration's to fetch; the list only says what changed.
-                with_receipt=False,
+                # With the receipt, as a fetch would have it: a listed state then has the
+                # content, and so the id, its fetch would give (receipt changes included).
+                with_receipt=True,
             )
             progress.pages += 1
             scan = scan_page(page.orders, cursor.floor)
@@ -477,8 +498,8 @@ class Poller:
     ) -> None:
         if not candidates:
             return
-        known = await self._store.known_updated_at(brand, [o.order_id for o in candidates])
-        changed = changed_orders(candidates, known)
+        known = await self._store.known_states(brand, [o.order_id for o in candidates])
+        changed = changed_orders(brand, candidates, known)
         # Concurrently, so the store commits them together (one group commit, not N).
         results = await asyncio.gather(*(self._enqueue(brand, o, now) for o in changed))
         progress.enqueued += sum(1 for new in results if new)
@@ -492,7 +513,7 @@ class Poller:
                 order_id=order.order_id,
                 received_at=now,
                 venue_id=order.venue_id,
-                dedup_key=dedup_key(order),
+                dedup_key=dedup_key(brand, order),
                 source="poller",
             )
         )

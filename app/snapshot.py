@@ -1,8 +1,9 @@
 """From a Clopos order to the body every sink receives, with its stable id.
 
 The id (``webhook-id`` on the wire) is derived from the order's content only, so the
-same order state always gets the same id, whatever the time of fetch or the
-notifications behind it: sinks use it to drop repeats.
+same order state always gets the same id, whatever the time of fetch, the
+notifications behind it, or the read that produced it (a detail call or a list page):
+sinks use it to drop repeats.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from app.clopos.timestamps import parse_clopos_datetime
 
 EVENT_TYPE = "order.hydrated"
+# Which read produced a snapshot: GET /v2/orders/{id} or a page of GET /v2/orders.
+HydratedFrom = Literal["order", "order_list"]
 
 
 def _dumps(value: Any, *, sort_keys: bool) -> bytes:
@@ -56,8 +59,12 @@ def build_body(
     notification_ids: list[int],
     received_at: float,
     hydrated_at: float,
+    hydrated_from: HydratedFrom = "order",
 ) -> bytes:
-    """The exact bytes sinks receive (schema: app/schemas/order_hydrated.json)."""
+    """The exact bytes sinks receive (schema: app/schemas/order_hydrated.json).
+
+    ``hydrated_from`` is not part of the id: the same state read from the list or from
+    the detail endpoint is one state, and a sink must be able to drop it as a repeat."""
     body = {
         "id": key,
         "type": EVENT_TYPE,
@@ -67,5 +74,6 @@ def build_body(
         "notification_ids": notification_ids,
         "received_at": iso(received_at),
         "hydrated_at": iso(hydrated_at),
+        "hydrated_from": hydrated_from,
     }
     return _dumps(body, sort_keys=False)

@@ -29,6 +29,7 @@ from app.errors import (
     CloposUnauthorized,
     ConfigError,
 )
+from app.hydration import make_snapshot
 from app.metrics import Metrics
 from app.pauses import BrandPauses
 from app.poller import (
@@ -53,7 +54,7 @@ from app.sandbox import (
 )
 from app.sandbox.orders import iso
 from app.settings import BrandConfig, load_settings
-from app.store.base import NewSnapshot
+from app.store.base import KnownState, NewSnapshot
 from app.store.sqlite import SqliteStore
 from tests.clock import FakeClock
 from tests.servers import ServerThread
@@ -71,6 +72,12 @@ def order(order_id: Any, updated: Any, venue: Any = 1) -> dict[str, Any]:
 
 def listed(order_id: int, updated: float, venue: str | None = "1") -> ListedOrder:
     return ListedOrder(order_id, venue, updated)
+
+
+def parsed(raw: dict[str, Any]) -> ListedOrder:
+    found = parse_listed(raw)
+    assert found is not None, raw
+    return found
 
 
 def page_of(count: int, *, page: int = 1, limit: int = 5, total: int | None = None) -> OrdersPage:
@@ -180,11 +187,17 @@ def test_scan_of_an_empty_page() -> None:
     assert (scan.candidates, scan.newest, scan.reached_floor) == ([], None, False)
 
 
-def test_changed_orders_are_those_newer_than_what_is_stored() -> None:
-    candidates = [listed(1, T), listed(2, T), listed(3, T), listed(4, T)]
-    known = {1: None, 2: T - 1, 3: T, 4: T + 1}  # unknown, older, same, newer stored
-    assert [o.order_id for o in changed_orders(candidates, known)] == [1, 2]
-    assert changed_orders([listed(5, T)], {}) == [listed(5, T)]  # not asked: unknown
+def test_changed_orders_are_those_whose_content_is_not_the_stored_state() -> None:
+    a, b = order(1, iso(T)), order(1, iso(T))
+    b["note"] = "a second change in the same second"
+    first, second = parsed(a), parsed(b)
+    stored = KnownState(first.state_key(BRAND), T)
+    assert changed_orders(BRAND, [first], {1: stored}) == []  # the same state
+    assert changed_orders(BRAND, [second], {1: stored}) == [second]  # same stamp, new content
+    assert changed_orders(BRAND, [second], {1: KnownState("other", T + 1)}) == []  # older
+    assert changed_orders(BRAND, [second], {1: KnownState()}) == [second]  # unknown
+    assert changed_orders(BRAND, [second], {}) == [second]  # not asked: unknown
+    assert changed_orders(BRAND, [second], {1: KnownState("other", None)}) == [second]
 
 
 # --- pure parts: when to stop, where the watermark goes ------------------------------------
@@ -216,11 +229,12 @@ def test_a_first_poll_remembers_its_lookback_even_when_it_found_nothing_new() ->
     assert next_watermark(T, None, floor=T - TEST_SLACK, now=T + 30) == T
 
 
-def test_dedup_key_names_one_state_of_one_order() -> None:
-    assert dedup_key(listed(1001, T)) == f"poll:1001:{T:.0f}"
-    assert dedup_key(listed(1001, T)) == dedup_key(listed(1001, T, venue=None))
-    assert dedup_key(listed(1001, T + 0.25)) == f"poll:1001:{T + 0.25:.6f}"
-    assert dedup_key(listed(1001, T + 1)) != dedup_key(listed(1001, T))
+def test_dedup_key_names_one_state_of_one_order_by_content() -> None:
+    a, b = parsed(order(1001, iso(T))), parsed({**order(1001, iso(T)), "n": 2})
+    assert dedup_key(BRAND, a) == f"poll:1001:{a.state_key(BRAND)}"
+    assert dedup_key(BRAND, a) == dedup_key(BRAND, parsed(order(1001, iso(T))))
+    assert dedup_key(BRAND, a) != dedup_key(BRAND, b)  # same second, another state
+    assert dedup_key(BRAND, a) != dedup_key("other", a)
 
 
 def test_readiness_tolerates_five_intervals_and_at_least_five_minutes() -> None:
@@ -308,6 +322,14 @@ class Rig:
             )
             await self.store.complete_hydration(job, snapshot, [], now=self.clock.now)
 
+    async def fetch_all(self) -> None:
+        """Hydrate every waiting order for real: a detail call, a content-derived id."""
+        jobs = await self.store.claim_hydrations(limit=1000, now=self.clock.now, lease_seconds=60)
+        for job in jobs:
+            order = await self.client.get_order(job.order_id, job.venue_id)
+            snapshot = make_snapshot(job, order, now=self.clock.now)
+            await self.store.complete_hydration(job, snapshot, [], now=self.clock.now)
+
     def cycles(self, outcome: str) -> float:
         value = self.metrics.registry.get_sample_value(
             "clopos_hydrator_poll_cycles_total", {"brand": BRAND, "outcome": outcome}
@@ -363,7 +385,8 @@ async def test_first_poll_looks_back_as_far_as_the_lookback(rig: Rig) -> None:
     assert poller.status(BRAND).watermark == newest
     query = rig.list_calls()[0]
     assert (query["sort[0]"], query["sort[1]"], query["limit"]) == ("updated_at", "-1", "100")
-    assert "with[0]" not in query  # the receipt is hydration's to fetch
+    # With the receipt, as a fetch has it: the listed content is the state's content.
+    assert query["with[0]"] == "receipt:id,service_notification_id,status"
 
 
 async def test_steady_state_is_one_list_call_and_a_known_state_is_not_enqueued(
@@ -417,6 +440,28 @@ async def test_a_change_in_the_same_second_as_the_watermark_is_not_missed(rig: R
     cycle = await poller.cycle(BRAND)
     assert cycle.enqueued == 1
     assert set(await rig.pending()) == {1010, 1011}
+
+
+async def test_a_second_change_in_the_same_whole_second_is_found(rig: Rig) -> None:
+    """Issue 8 item 2: state A is fetched; state B gets the same updated_at second and
+    its webhook is lost. Equal stamps must not hide it: states compare by content."""
+    poller = rig.poller(lookback=0)
+    stamp = rig.touch(1010, at=T + 100.2)  # state A
+    assert (await poller.cycle(BRAND)).enqueued == 1
+    await rig.fetch_all()
+    assert await rig.pending() == {}
+
+    assert rig.touch(1010, at=T + 100.7) == stamp  # state B, same second, no webhook
+    rig.clock.now = T + 101.5
+    assert (await poller.cycle(BRAND)).enqueued == 1
+    assert await rig.pending() == {1010: 1}
+    # Listed again, B is the same listed state: no second notice for it.
+    rig.clock.now += 2
+    assert (await poller.cycle(BRAND)).enqueued == 0
+    await rig.fetch_all()
+    rig.clock.now += 2
+    assert (await poller.cycle(BRAND)).enqueued == 0
+    assert await rig.pending() == {}
 
 
 async def test_a_backlog_is_read_over_several_cycles_without_skipping(rig: Rig) -> None:

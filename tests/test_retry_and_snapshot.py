@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 
 from app.retry import RetryPolicy
 from app.snapshot import build_body, parse_clopos_time, snapshot_key
@@ -73,3 +74,20 @@ def test_both_clopos_time_formats_parse() -> None:
     assert a is not None
     assert parse_clopos_time("yesterday") is None
     assert parse_clopos_time(None) is None
+
+
+def test_body_says_which_read_produced_it_and_the_id_does_not_depend_on_it() -> None:
+    order = {"id": 5, "receipt": None, "updated_at": "2026-02-02T17:46:02.000000Z"}
+    common: dict[str, Any] = {
+        "key": snapshot_key("b", 5, order),
+        "brand": "b",
+        "order_id": 5,
+        "order": order,
+        "notification_ids": [],
+        "received_at": 0,
+        "hydrated_at": 1,
+    }
+    detail = json.loads(build_body(**common))
+    listed = json.loads(build_body(**common, hydrated_from="order_list"))
+    assert (detail["hydrated_from"], listed["hydrated_from"]) == ("order", "order_list")
+    assert detail["id"] == listed["id"]

@@ -16,6 +16,7 @@ from app.store.base import (
     DeadLetterFilter,
     Delivery,
     HydrationJob,
+    KnownState,
     NewSnapshot,
     Notification,
     PruneResult,
@@ -834,35 +835,43 @@ async def test_poll_watermark_is_per_brand_and_never_moves_backwards(store: Stor
     assert await store.get_poll_watermark("other") == T0 - 500
 
 
-async def test_known_updated_at_is_the_newest_stored_state(store: Store) -> None:
-    assert await store.known_updated_at(BRAND, []) == {}
+async def test_known_states_are_the_newest_stored_states(store: Store) -> None:
+    assert await store.known_states(BRAND, []) == {}
     await hydrate(store, 1, "a", updated=T0 - 100)
     await hydrate(store, 1, "b", now=T0 + 1, updated=T0 - 50)
     await hydrate(store, 2, "c", updated=None)  # a snapshot without a usable updated_at
     await hydrate(store, 1, "x", updated=T0 - 200, brand="other")
     await store.enqueue(notice(3))  # waiting: nothing stored yet
 
-    known = await store.known_updated_at(BRAND, [1, 2, 3, 4])
-    assert known == {1: T0 - 50, 2: None, 3: None, 4: None}
-    assert await store.known_updated_at("other", [1, 2]) == {1: T0 - 200, 2: None}
+    known = await store.known_states(BRAND, [1, 2, 3, 4])
+    assert known == {
+        1: KnownState("b", T0 - 50),
+        2: KnownState("c", None),
+        3: KnownState(),
+        4: KnownState(),
+    }
+    assert await store.known_states("other", [1, 2]) == {
+        1: KnownState("x", T0 - 200),
+        2: KnownState(),
+    }
 
 
-async def test_known_updated_at_ignores_an_older_state_fetched_later(store: Store) -> None:
+async def test_known_states_ignores_an_older_state_fetched_later(store: Store) -> None:
     await hydrate(store, 1, "new", updated=T0)
     result = await hydrate(store, 1, "old", now=T0 + 1, updated=T0 - 30)
     assert result.outcome == "stale"
-    assert await store.known_updated_at(BRAND, [1]) == {1: T0}
+    assert await store.known_states(BRAND, [1]) == {1: KnownState("new", T0)}
 
 
-async def test_known_updated_at_survives_the_order_being_pruned_and_revived(store: Store) -> None:
+async def test_known_states_survives_the_order_being_pruned_and_revived(store: Store) -> None:
     await hydrate(store, 1, "a", updated=T0 - 10)
     delivery = (await deliveries(store))[0]
     await store.complete_delivery(delivery, now=T0)
     await store.prune(older_than=T0 + 1)
     # Pruned with its job: the order is unknown again (a poll would fetch it once more).
-    assert await store.known_updated_at(BRAND, [1]) == {1: None}
+    assert await store.known_states(BRAND, [1]) == {1: KnownState()}
     await hydrate(store, 1, "b", now=T0 + 2, updated=T0 + 1)
-    assert await store.known_updated_at(BRAND, [1]) == {1: T0 + 1}
+    assert await store.known_states(BRAND, [1]) == {1: KnownState("b", T0 + 1)}
 
 
 async def test_poll_notices_of_one_state_are_duplicates(store: Store) -> None:

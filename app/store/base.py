@@ -18,7 +18,8 @@ that order up to that version (a replay of those would be superseded anyway).
 
 The reconciliation poller (app/poller.py) keeps one durable **watermark** per brand
 (how far its reading of Clopos's change list has got) and asks which listed order
-states are already stored, so that polling a state twice fetches it once.
+states are already stored (by content: snapshot id), so that polling a state twice
+fetches it once, and a second state within one whole second is still seen.
 
 Every mutating call that takes a claimed record checks its ``lease_token``: if the
 lease expired and someone else claimed the record meanwhile, the call returns False
@@ -195,6 +196,15 @@ class StoreStats:
 
 
 @dataclass(frozen=True)
+class KnownState:
+    """The newest stored state of an order, as the poller compares a listed one with it:
+    by content (``key``, the snapshot id) first; ``updated_at`` only says which is older."""
+
+    key: str | None = None
+    updated_at: float | None = None
+
+
+@dataclass(frozen=True)
 class PruneResult:
     jobs: int
     notifications: int
@@ -350,8 +360,7 @@ class Store(Protocol):
         """Advance the brand's watermark to ``updated_at``, never backwards; return the
         watermark now stored (the larger of the two)."""
 
-    async def known_updated_at(
-        self, brand: str, order_ids: Sequence[int]
-    ) -> dict[int, float | None]:
-        """For each order id: the Clopos ``updated_at`` of its newest stored snapshot,
-        None when the order has no job or its snapshot had no usable ``updated_at``."""
+    async def known_states(self, brand: str, order_ids: Sequence[int]) -> dict[int, KnownState]:
+        """For each order id: the id and Clopos ``updated_at`` of its newest stored state
+        (both None when the order has no job; ``updated_at`` None when its snapshot had
+        no usable one)."""

@@ -404,8 +404,8 @@ RETURNING updated_at
 """
 # The job mirrors its order's newest snapshot (last_updated_at), and reads by the
 # (brand, order_id) unique index. :ids is a JSON list of integers.
-KNOWN_UPDATED_AT = """
-SELECT order_id, last_updated_at FROM hydration_jobs
+KNOWN_STATES = """
+SELECT order_id, last_snapshot_key, last_updated_at FROM hydration_jobs
 WHERE brand = :brand AND order_id IN (SELECT value FROM json_each(:ids))
 """
 

@@ -45,6 +45,7 @@ from app.store.base import (
     EnqueueResult,
     HydrationJob,
     HydrationOutcome,
+    KnownState,
     NewSnapshot,
     Notification,
     PruneResult,
@@ -359,21 +360,21 @@ class SqliteStore:
 
         return await self.run("set_poll_watermark", advance)
 
-    async def known_updated_at(
-        self, brand: str, order_ids: Sequence[int]
-    ) -> dict[int, float | None]:
+    async def known_states(self, brand: str, order_ids: Sequence[int]) -> dict[int, KnownState]:
         if not order_ids:
             return {}
-        known: dict[int, float | None] = dict.fromkeys(order_ids)
+        known = dict.fromkeys(order_ids, KnownState())
         # Bound as one JSON list: one statement whatever the page size, no SQL built here.
         params = {"brand": brand, "ids": json.dumps([int(i) for i in known])}
 
-        def read(conn: Conn) -> dict[int, float | None]:
-            for row in conn.execute(sql.KNOWN_UPDATED_AT, params):
-                known[row["order_id"]] = row["last_updated_at"]
+        def read(conn: Conn) -> dict[int, KnownState]:
+            for row in conn.execute(sql.KNOWN_STATES, params):
+                known[row["order_id"]] = KnownState(
+                    row["last_snapshot_key"], row["last_updated_at"]
+                )
             return known
 
-        return await self.run("known_updated_at", read)
+        return await self.run("known_states", read)
 
 
 # --- operations (run on the writer thread) --------------------------------------------------

@@ -21,6 +21,7 @@ from tests.e2e.service import (
     WEBHOOK_SECRET,
     ServiceProcess,
     log_events,
+    notify,
     wait_until,
 )
 
@@ -163,3 +164,31 @@ def test_a_restart_resumes_at_the_watermark_beyond_its_lookback(
     time.sleep(1.5)  # another cycle or so
     assert deliveries([second.log_path]) == [1050]  # 1040 was not fetched again
     assert detail_calls(clopos, 1040) == 1
+
+
+def test_a_second_change_in_the_same_whole_second_is_delivered(
+    make_service: Any, clopos: Clopos
+) -> None:
+    """Issue 8 item 2, against the real process: state A is notified, fetched and
+    delivered; state B gets the same ``updated_at`` second and its webhook is lost.
+    The poller must find B (states compare by content, not by the clock)."""
+    service: ServiceProcess = make_service(POLL_INTERVAL_SECONDS="1", POLL_LOOKBACK_SECONDS="60")
+    logs = [service.log_path]
+    stamp = iso(time.time())
+    clopos.state.update_order(1060, status="RECEIVED", note="A", updated_at=stamp)
+    notify(service, 1060)
+
+    def notes() -> list[str]:
+        return [
+            e["body"]["order"].get("note")
+            for e in log_events(service.log_path, "sink.log.order")
+            if e["body"]["order_id"] == 1060
+        ]
+
+    assert wait_until(lambda: "A" in notes(), timeout=15), service.tail()
+    clopos.state.update_order(1060, status="DELIVERED", note="B", updated_at=stamp)  # no webhook
+    assert wait_until(lambda: "B" in notes(), timeout=15), service.tail()
+    time.sleep(2.5)  # more polls of the same state B deliver nothing more
+    assert notes() == ["A", "B"], notes()
+    assert 1060 in deliveries(logs)
+    assert clopos.state.rate_limited() == 0
