@@ -7,14 +7,16 @@ misconfigured deployment cannot expose them). Every route needs
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BeforeValidator
 
-from app import signing
+from app import ids, signing
 from app.errors import StoreError
 from app.logs import get_logger
 from app.runtime import Runtime, RuntimeDep
@@ -48,8 +50,32 @@ async def require_admin(request: Request, runtime: RuntimeDep) -> None:
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
 Mode = Literal["auto", "hydrate", "deliver"]
-# Ids are SQLite/PostgreSQL 64-bit integers: anything outside is a 422, not a store error.
-LetterId = Annotated[int, Path(gt=0, lt=2**63)]
+# Every integer an admin route takes is checked here, before any store call: a value the
+# store cannot hold (31 digits overflow SQLite's 64-bit integer) is the caller's mistake,
+# a 422, never a 503 "store unavailable".
+ROW_ID_MAX = 2**63 - 1  # SQLite/PostgreSQL 64-bit row ids and cursors
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def _digits(value: object) -> object:
+    """Only plain ASCII digits are a number in a path or query (pydantic alone would
+    also take " 1", "1\n", "1_0", "+1" and "1.0")."""
+    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+        raise ValueError("must be a whole number, in digits")
+    return value
+
+
+def _order_id(value: object) -> int:
+    order_id = ids.parse_order_id(value)
+    if order_id is None:
+        raise ValueError(f"must be an order id: 1 to {ids.MAX_ID_DIGITS} digits, not 0")
+    return order_id
+
+
+Digits = BeforeValidator(_digits)
+LetterId = Annotated[int, Path(ge=1, le=ROW_ID_MAX), Digits]
+OrderId = Annotated[int, Path(), BeforeValidator(_order_id)]
+VenueId = Annotated[int | None, Query(), BeforeValidator(_order_id)]
 Kind = Literal["hydration", "delivery"]
 
 
@@ -82,8 +108,8 @@ async def _store_call(coro: Any) -> Any:
 async def list_dead_letters(
     runtime: RuntimeDep,
     filt: FilterDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    after_id: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=500), Digits] = 50,
+    after_id: Annotated[int | None, Query(ge=0, le=ROW_ID_MAX), Digits] = None,
 ) -> dict[str, Any]:
     page = await _store_call(runtime.store.list_dead_letters(filt, limit=limit, after_id=after_id))
     return {
@@ -106,7 +132,7 @@ async def replay_many(
     runtime: RuntimeDep,
     filt: FilterDep,
     mode: Mode = "auto",
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    limit: Annotated[int, Query(ge=1, le=10_000), Digits] = 1000,
 ) -> JSONResponse:
     count = await _store_call(
         runtime.store.replay_dead_letters(filt, mode=mode, now=time.time(), limit=limit)
@@ -150,9 +176,9 @@ async def purge_many(runtime: RuntimeDep, filt: FilterDep, all: bool = False) ->
 @router.post("/orders/{order_id}/hydrate")
 async def hydrate_order(
     runtime: RuntimeDep,
-    order_id: Annotated[int, Path(gt=0, lt=10**18)],
+    order_id: OrderId,
     brand: Annotated[str | None, Query(max_length=200)] = None,
-    venue_id: Annotated[int | None, Query(gt=0, lt=10**18)] = None,
+    venue_id: VenueId = None,
 ) -> JSONResponse:
     name = brand or runtime.config.default_brand
     if name is None or name not in runtime.config.brands:

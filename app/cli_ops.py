@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from app import ids
 from app.errors import CloposError, ConfigError
 from app.logs import configure_logging
 from app.settings import Config, load_settings
@@ -190,7 +191,7 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
     return asyncio.run(_hydrate(config, args.order_id, args.brand, args.venue))
 
 
-async def _hydrate(config: Config, order_id: int, brand: str | None, venue: int | None) -> int:
+async def _hydrate(config: Config, order_id: int, brand: str | None, venue: str | None) -> int:
     from app.clopos import CloposClient, LocalRateBudget, make_http_client
     from app.snapshot import build_body, snapshot_key
 
@@ -210,7 +211,7 @@ async def _hydrate(config: Config, order_id: int, brand: str | None, venue: int 
             http=http,
             budget=LocalRateBudget(settings.clopos_rate_limit_per_minute),
         )
-        order = await client.get_order(order_id, str(venue) if venue else None)
+        order = await client.get_order(order_id, venue)
     except CloposError as exc:
         sys.stderr.write(f"clopos-hydrator: {exc.describe()}\n")
         return 1
@@ -244,7 +245,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         raise ConfigError("WEBHOOK_SECRET", "needed to sign the test notification (or --secret)")
     data: dict[str, Any] = {"id": args.order_id}
     if args.venue:
-        data["venue_id"] = args.venue
+        data["venue_id"] = int(args.venue)
     body = json.dumps({"event": "order.updated", "data": data, "test": True}).encode()
     msg_id = f"msg_test_{uuid.uuid4().hex}"
     timestamp = int(time.time())
@@ -263,6 +264,22 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         raise SystemExit(f"clopos-hydrator: cannot reach {args.url}: {exc}") from exc
     _out(f"{response.status_code} {response.text}")
     return 0 if response.status_code == 202 else 1
+
+
+def _order_id(text: str) -> int:
+    """An order id argument, valid by the one definition every door uses (app/ids.py)."""
+    order_id = ids.parse_order_id(text)
+    if order_id is None:
+        raise argparse.ArgumentTypeError(f"not an order id (1 to 18 digits): {text!r}")
+    return order_id
+
+
+def _venue_id(text: str) -> str:
+    """A venue id argument, as the canonical string sent in x-venue."""
+    venue = ids.parse_venue_id(text)
+    if venue is None:
+        raise argparse.ArgumentTypeError(f"not a venue id (1 to 18 digits): {text!r}")
+    return venue
 
 
 def add_command(commands: Any, name: str, *, help: str) -> argparse.ArgumentParser:
@@ -335,21 +352,21 @@ def add_commands(commands: Any) -> None:
         "hydrate",
         help="fetch one order from Clopos now and print its snapshot (no delivery)",
     )
-    hydrate.add_argument("order_id", type=int, help="the Clopos order id")
+    hydrate.add_argument("order_id", type=_order_id, help="the Clopos order id")
     hydrate.add_argument("--brand", help="brand (default: the CLOPOS_BRAND brand)")
-    hydrate.add_argument("--venue", type=int, help="venue id, sent as x-venue")
+    hydrate.add_argument("--venue", type=_venue_id, help="venue id, sent as x-venue")
     hydrate.set_defaults(func=cmd_hydrate)
 
     send = add_command(
         commands, "send-test", help="post a signed test notification to a running instance"
     )
-    send.add_argument("order_id", type=int, help="the order id to put in the notification")
+    send.add_argument("order_id", type=_order_id, help="the order id to put in the notification")
     send.add_argument(
         "--url",
         default=os.environ.get("HYDRATOR_URL", DEFAULT_URL),
         help=f"base URL of a running instance (default $HYDRATOR_URL or {DEFAULT_URL})",
     )
     send.add_argument("--brand", help="post to /webhooks/clopos/{brand}")
-    send.add_argument("--venue", type=int, help="venue_id to put beside the order id")
+    send.add_argument("--venue", type=_venue_id, help="venue_id to put beside the order id")
     send.add_argument("--secret", help="webhook secret (default $WEBHOOK_SECRET)")
     send.set_defaults(func=cmd_send_test)

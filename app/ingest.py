@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
-from app import signing
+from app import ids, signing
 from app.errors import StoreError
 from app.logs import get_logger
 from app.runtime import Runtime, RuntimeDep
@@ -34,13 +35,13 @@ from app.store.base import Notification
 log = get_logger("app.ingest")
 router = APIRouter()
 
-MAX_ID_DIGITS = 18  # fits a signed 64-bit integer; Clopos ids are far shorter
-_DIGITS = re.compile(r"^[0-9]{1,18}$")
-_MSG_ID = re.compile(rf"^[\x21-\x7e]{{1,{signing.MAX_MSG_ID_LENGTH}}}$")  # printable, no spaces
+# Printable ASCII, no spaces (always used with fullmatch: "$" would match before a "\n").
+_MSG_ID = re.compile(rf"[\x21-\x7e]{{1,{signing.MAX_MSG_ID_LENGTH}}}")
 # A store that does not answer within this is treated as unavailable (503, sender retries);
 # if the commit lands later anyway, the retry coalesces or de-duplicates: nothing doubles.
 STORE_TIMEOUT_SECONDS = 10.0
 _DEDUP_HEADERS = ("webhook-id", "idempotency-key", "x-webhook-id")
+CLIENT_CLOSED_REQUEST = 499  # the access line's status for a sender that hung up mid-body
 
 
 class Rejection(Exception):
@@ -60,18 +61,6 @@ class ParsedNotice:
 
 
 # --- pure parsing ---------------------------------------------------------------------
-
-
-def _positive_id(value: Any) -> int | None:
-    """A positive integer, or a string of digits, of sane length; else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if 0 < value < 10**MAX_ID_DIGITS else None
-    if isinstance(value, str) and _DIGITS.match(value):
-        number = int(value)
-        return number if number > 0 else None
-    return None
 
 
 def _lookup(document: dict[str, Any], path: str) -> tuple[dict[str, Any], Any] | None:
@@ -102,18 +91,18 @@ def parse_notice(body: bytes, paths: list[str]) -> ParsedNotice:
         if found is None:
             continue
         parent, value = found
-        order_id = _positive_id(value)
+        order_id = ids.parse_order_id(value)
         if order_id is None:
             raise Rejection(
                 422, "invalid_order_id", f"{path} must be a positive integer or digit string"
             )
         venue_raw = parent.get("venue_id")
-        venue_id: int | None = None
+        venue_id: str | None = None
         if venue_raw is not None:
-            venue_id = _positive_id(venue_raw)
+            venue_id = ids.parse_venue_id(venue_raw)
             if venue_id is None:
                 raise Rejection(422, "invalid_venue_id", "venue_id must be a positive integer")
-        return ParsedNotice(order_id, str(venue_id) if venue_id is not None else None)
+        return ParsedNotice(order_id, venue_id)
     raise Rejection(422, "no_order_id", "no order id found at any of: " + ", ".join(paths))
 
 
@@ -139,7 +128,7 @@ def _dedup_key(request: Request) -> str | None:
     malformed one is ignored (the notification is still accepted), never trusted."""
     for header in _DEDUP_HEADERS:
         value = request.headers.get(header)
-        if value is not None and _MSG_ID.match(value):
+        if value is not None and _MSG_ID.fullmatch(value):
             return value
     return None
 
@@ -158,10 +147,11 @@ def _authenticate(request: Request, body: bytes, secret: str | None, tolerance: 
         raise Rejection(
             401, "unauthenticated", "send X-Webhook-Token or a Standard Webhooks signature"
         )
+    msg_id = request.headers.get("webhook-id", "")
     try:
-        return signing.verify(
+        signed_at = signing.verify(
             secret,
-            msg_id=request.headers.get("webhook-id", ""),
+            msg_id=msg_id,
             timestamp=request.headers.get("webhook-timestamp", ""),
             signature_header=signature,
             body=body,
@@ -170,6 +160,14 @@ def _authenticate(request: Request, body: bytes, secret: str | None, tolerance: 
         )
     except signing.SignatureError as exc:
         raise Rejection(401, exc.reason, "webhook signature rejected: " + exc.reason) from exc
+    # The replay guard is keyed on the signed message's id: one it cannot use (a space,
+    # a control character, non-ASCII) would let the same signed message in again and
+    # again, so a signed request must carry a usable one.
+    if not _MSG_ID.fullmatch(msg_id):
+        raise Rejection(
+            400, "invalid_webhook_id", "webhook-id must be printable ASCII without spaces"
+        )
+    return signed_at
 
 
 async def _accept(runtime: Runtime, request: Request, brand: str) -> JSONResponse:
@@ -240,7 +238,7 @@ async def _accept(runtime: Runtime, request: Request, brand: str) -> JSONRespons
     )
 
 
-async def _handle(runtime: Runtime, request: Request, brand: str | None) -> JSONResponse:
+async def _handle(runtime: Runtime, request: Request, brand: str | None) -> Response:
     route = "default" if brand is None else "brand"
     runtime.metrics.received.labels(route).inc()
     try:
@@ -249,6 +247,13 @@ async def _handle(runtime: Runtime, request: Request, brand: str | None) -> JSON
                 raise Rejection(404, "unknown_brand", "no default brand is configured")
             brand = runtime.config.default_brand
         return await _accept(runtime, request, brand)
+    except ClientDisconnect:
+        # The sender hung up before its body was complete: nothing was stored, nobody
+        # is left to answer, and it is not our error. The access line shows 499 (the
+        # "client closed request" of nginx), not a 500.
+        runtime.metrics.rejected.labels("client_disconnected").inc()
+        log.info("webhook.client_disconnected", brand=brand)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     except Rejection as exc:
         runtime.metrics.rejected.labels(exc.reason).inc()
         log.info("webhook.rejected", brand=brand, status=exc.status, reason=exc.reason)
@@ -256,10 +261,10 @@ async def _handle(runtime: Runtime, request: Request, brand: str | None) -> JSON
 
 
 @router.post("/webhooks/clopos", status_code=202)
-async def webhook_default(request: Request, runtime: RuntimeDep) -> JSONResponse:
+async def webhook_default(request: Request, runtime: RuntimeDep) -> Response:
     return await _handle(runtime, request, None)
 
 
 @router.post("/webhooks/clopos/{brand}", status_code=202)
-async def webhook_brand(brand: str, request: Request, runtime: RuntimeDep) -> JSONResponse:
+async def webhook_brand(brand: str, request: Request, runtime: RuntimeDep) -> Response:
     return await _handle(runtime, request, brand)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from app import ids
 from app.clopos.client import OrdersPage
 from app.errors import (
     CloposCredentialsRejected,
@@ -72,9 +72,6 @@ SLACK_SECONDS = 60.0
 STALE_INTERVALS = 5
 # ...this many seconds (a short interval must not make readiness flap).
 STALE_MIN_SECONDS = 300.0
-# Order ids as the webhook route accepts them: positive, at most 18 digits.
-MAX_ORDER_ID = 10**18 - 1
-_DIGITS = re.compile(r"^[0-9]{1,18}$")
 
 
 # --- the pure parts ---------------------------------------------------------------------
@@ -119,21 +116,16 @@ def parse_listed(order: Any) -> ListedOrder | None:
     """The id, venue and ``updated_at`` of a listed order; None if any is unusable."""
     if not isinstance(order, dict):
         return None
-    raw_id = order.get("id")
-    if isinstance(raw_id, bool):
-        return None
-    if isinstance(raw_id, str) and _DIGITS.match(raw_id):
-        raw_id = int(raw_id)
-    if not isinstance(raw_id, int) or not 0 < raw_id <= MAX_ORDER_ID:
+    order_id = ids.parse_order_id(order.get("id"))  # as the webhook route accepts it
+    if order_id is None:
         return None
     updated_at = parse_clopos_time(order.get("updated_at"))
     if updated_at is None:
         return None
-    venue = order.get("venue_id")
-    # ASCII digits only, as the webhook route demands: str.isdigit() also accepts "²",
-    # which int() refuses and an HTTP header cannot carry.
-    venue_id = str(venue) if isinstance(venue, int | str) and _DIGITS.match(str(venue)) else None
-    return ListedOrder(raw_id, venue_id, updated_at, order)
+    # An unusable venue is dropped (the token's default venue is fetched), never sent on
+    # in an x-venue header.
+    venue_id = ids.parse_venue_id(order.get("venue_id"))
+    return ListedOrder(order_id, venue_id, updated_at, order)
 
 
 def scan_page(orders: Sequence[Any], floor: float) -> PageScan:

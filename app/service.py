@@ -34,6 +34,9 @@ def create_app(config: Config, *, runtime: Runtime | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        # No "/path/ -> /path" redirects: a redirect repeats the query string in its
+        # Location, and a webhook's query may carry ?token=. A wrong path is a plain 404.
+        redirect_slashes=False,
     )
     app.state.runtime = rt
     app.include_router(ingest.router)

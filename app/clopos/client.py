@@ -38,6 +38,7 @@ from urllib.parse import quote, urlencode
 
 import httpx
 
+from app import ids
 from app.clopos.budget import RateBudget, retry_after_seconds
 from app.errors import (
     CloposCredentialsRejected,
@@ -187,6 +188,12 @@ def _replay(error: CloposError) -> CloposError:
     return type(error)(error.message, status=error.status, error=error.error)
 
 
+def _check_venue(venue_id: str | None) -> None:
+    """A venue goes out as the x-venue header: only its canonical id string may."""
+    if venue_id is not None and ids.parse_venue_id(venue_id) != venue_id:
+        raise ValueError(f"not a venue id: {venue_id!r}")
+
+
 def _day(value: date | str) -> str:
     return value.isoformat() if isinstance(value, date) else value
 
@@ -261,8 +268,11 @@ class CloposClient:
 
     async def get_order(self, order_id: int, venue_id: str | None = None) -> dict[str, Any]:
         """``GET /v2/orders/{id}`` with the receipt embedded; Clopos's ``data`` verbatim."""
-        if isinstance(order_id, bool) or not isinstance(order_id, int) or order_id <= 0:
-            raise ValueError(f"order_id must be a positive integer, got {order_id!r}")
+        if not ids.is_order_id(order_id):
+            raise ValueError(
+                f"order_id must be a positive integer of at most 18 digits: {order_id!r}"
+            )
+        _check_venue(venue_id)
         url = f"{self._base}/v2/orders/{order_id}?{RECEIPT_QUERY}"
         body = await self._api_get(url, venue_id)
         data = body.get("data")
@@ -290,6 +300,7 @@ class CloposClient:
         """
         if page < 1 or not 1 <= limit <= 200:
             raise ValueError("page must be >= 1 and limit within 1..200")
+        _check_venue(venue_id)
         pairs = [
             ("page", str(page)),
             ("limit", str(limit)),
