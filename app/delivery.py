@@ -3,7 +3,8 @@
 Each sink has its own queue (rows keyed by sink), its own work loop and
 concurrency, and its own circuit breaker, so a sink that is down only slows itself.
 While the breaker is open the loop claims nothing for that sink; after the
-cool-down one trial delivery goes through (half-open) and decides.
+probe delay (1 s, 2 s, 4 s ... up to the cap) one trial delivery goes through
+(half-open) and decides.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class SinkDeliverer:
         """How many deliveries the loop may claim now, or how long to wait.
 
         Closed: as many as there are free slots. Half-open: exactly one trial.
-        Open: none, until the cool-down ends.
+        Open: none, until the next probe is due.
         """
         before = self.breaker.state
         if not self.breaker.allow():
@@ -100,7 +101,7 @@ class SinkDeliverer:
                 f"sink.breaker.{'opened' if after == 'open' else 'closed'}",
                 sink=self.sink.name,
                 consecutive_failures=self.breaker.consecutive_failures,
-                cooldown_s=self.breaker.cooldown_seconds,
+                next_probe_in_s=self.breaker.probe_delay if after == "open" else None,
             )
 
     def lease_seconds(self, minimum: float) -> float:

@@ -66,7 +66,8 @@ class HttpSinkConfig(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
     timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     concurrency: int = Field(default=4, ge=1, le=256)
-    # Circuit breaker: this many consecutive failures open it for cooldown_seconds.
+    # Circuit breaker: this many consecutive failures open it; it probes the sink after 1 s,
+    # then 2 s, 4 s ... while probes fail, never waiting more than cooldown_seconds between two.
     breaker_failures: int = Field(default=5, ge=1)
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0)
 

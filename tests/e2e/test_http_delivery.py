@@ -459,3 +459,67 @@ def test_same_state_has_the_same_webhook_id_and_never_goes_backwards(
     all_ids = [next(iter(ids)) for ids in ids_by_rev.values()]
     assert len(set(all_ids)) == len(all_ids)
     assert first.webhook_id not in {r.webhook_id for r in received if rev(r) > 0}
+
+
+# --- 6. recovery after a short outage takes seconds, not a cool-down -------------------
+
+
+def test_deliveries_resume_within_seconds_after_a_4s_sink_outage(
+    make_service: Any, clopos: Clopos
+) -> None:
+    """The breaker with its default settings (5 failures, 30 s cap) and the default retry
+    backoff: a sink down for 4 s gets the orders changed meanwhile a few seconds after it is
+    back, because the breaker probes on a growing schedule (1 s, 2 s, 4 s ...) and closes on
+    the first probe that succeeds, instead of waiting out a fixed 30 s cool-down."""
+    outage_seconds = 4.0
+    with Receiver({"/a": NEW}) as rec:
+        service: ServiceProcess = make_service(
+            SINKS=json.dumps([http_sink("A", rec.url("/a"))]),
+            RETRY_BASE_SECONDS="2",
+            RETRY_MAX_SECONDS="600",
+        )
+        sent_at: dict[int, float] = {}  # order id -> when its last notification was sent
+        with httpx.Client(timeout=10) as client:
+            notify(client, service, 1001)  # warm: a token, a delivery, the breaker closed
+            assert wait_until(lambda: len(rec.received("/a", accepted=True)) == 1, 15)
+
+            rec.answer("/a", 503)
+            down_at = time.monotonic()
+            orders = list(range(1002, 1018))
+            for index, order_id in enumerate(orders):
+                clopos.state.update_order(order_id, e2e_rev=1)
+                sent_at[order_id] = time.monotonic()
+                notify(client, service, order_id)
+                # Spread over the outage; the last one just before the sink is back.
+                pause = down_at + (index + 1) * outage_seconds / len(orders) - time.monotonic()
+                time.sleep(max(0.0, pause))
+            time.sleep(max(0.0, down_at + outage_seconds - time.monotonic()))
+            rec.answer("/a", 200)
+            up_at = time.monotonic()
+            opened = circuit_open(client, service, "A")
+
+            def delivered_at() -> dict[int, float]:
+                first: dict[int, float] = {}
+                for item in rec.received("/a", accepted=True):
+                    if item.at >= up_at and rev(item) == 1:
+                        first.setdefault(item.json()["order_id"], item.at)
+                return first
+
+            assert wait_until(lambda: set(orders) <= set(delivered_at()), timeout=60), (
+                service.tail()
+            )
+            arrived = delivered_at()
+            assert wait_until(lambda: circuit_open(client, service, "A") == 0, timeout=10)
+            status, checks = readiness(client, service)
+
+    latencies = sorted(arrived[order_id] - sent_at[order_id] for order_id in orders)
+    p50 = statistics.median(latencies)
+    print(
+        f"sink down {up_at - down_at:.1f} s: notification -> delivery p50 {p50:.1f} s, "
+        f"max {latencies[-1]:.1f} s; back at the sink {max(arrived.values()) - up_at:.1f} s "
+        "after it recovered"
+    )
+    assert opened == 1, "the breaker did open during the outage"
+    assert p50 <= 10.0, latencies
+    assert status == 200, checks
+    assert checks["sink:A"]["detail"] == "circuit closed"
