@@ -1,11 +1,20 @@
-"""Ingest throughput: POST /webhooks/clopos of the real service vs a bare FastAPI endpoint.
+"""Ingest: POST /webhooks/clopos of the real service vs a bare FastAPI endpoint.
 
-Run on demand: ``.venv/bin/python benchmarks/ingest.py [--requests N] [--concurrency C]``.
-Both servers run as separate uvicorn processes with the same settings and are loaded
-by the same client in the same run, alternating rounds, so the ratio is fair on a
-noisy machine. The service commits every notification durably (SQLite WAL,
-synchronous=FULL, group commit) before its 202; the bare endpoint stores nothing.
-The service's workers run too, hydrating against the sandbox, as in production.
+    .venv/bin/python benchmarks/ingest.py [--rounds 8] [--requests 2000] [--concurrency 32]
+        [--database-url postgresql://...] [--compare NAME=CHECKOUT] [--wrk]
+
+The bare endpoint (benchmarks/bare_app.py) only parses and answers 202; the service
+commits every notification durably first (SQLite WAL, ``synchronous=FULL``, group
+commit, the 202 only after the commit) and hydrates against the sandbox meanwhile, as
+in production. Every server is its own process; the same client loads them in turn,
+round after round, so each round's ratio compares neighbours in time on a noisy shared
+machine. The ratio reported is the median of the per-round ratios; p50/p99 are over
+every request of every round.
+
+``--database-url`` (or ``BENCH_DATABASE_URL``) adds the service on that store (e.g.
+PostgreSQL) beside SQLite's. ``--compare NAME=PATH`` adds the service as checked out
+at PATH (e.g. a ``git worktree`` of an older commit): before/after in one run.
+``--wrk`` loads with wrk (C, one thread) instead of the Python client, when installed.
 """
 
 from __future__ import annotations
@@ -13,53 +22,68 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
+import re
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.servers import free_port  # noqa: E402
+from benchmarks.common import (
+    ROOT,
+    WEBHOOK_SECRET,
+    Row,
+    Server,
+    free_port,
+    median,
+    percentile,
+    sandbox_server,
+    scratch,
+    service_cmd,
+    service_env,
+    uvicorn_cmd,
+)
 
-SECRET = "bench-webhook-secret"
+GOAL_RATIO = 0.6
+GOAL_P99_FACTOR = 3.0
+ORDERS = 250  # notifications cycle over this many orders: a realistic mix of new and coalesced
+WRK_SCRIPT = """
+counter = 0
+request = function()
+  counter = counter + 1
+  local body = string.format('{"event":"order.updated","data":{"id":%%d}}', 1001 + counter %% %d)
+  return wrk.format("POST", nil, {["X-Webhook-Token"] = "%s",
+                                  ["Content-Type"] = "application/json"}, body)
+end
+"""
 
 
-def start(cmd: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    """Start a server process and wait until its port answers HTTP (any status)."""
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
-            return proc
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"server on {port} did not start")
+@dataclass
+class Target:
+    name: str
+    url: str
+    rps: list[float] = field(default_factory=list)
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
 
 
-async def load(
-    url: str, requests: int, concurrency: int, first_id: int
-) -> tuple[float, list[float]]:
-    """Send ``requests`` notifications over ``concurrency`` connections; return (rps, latencies)."""
+async def _load(url: str, requests: int, concurrency: int, first: int) -> tuple[float, list[float]]:
+    """``requests`` notifications over ``concurrency`` connections: (req/s, latencies s)."""
     latencies: list[float] = []
-    counter = iter(range(first_id, first_id + requests))
-    headers = {"X-Webhook-Token": SECRET, "Content-Type": "application/json"}
+    ids = iter(range(first, first + requests))
+    headers = {"X-Webhook-Token": WEBHOOK_SECRET, "Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def worker() -> None:
-            for order_id in counter:
-                body = b'{"event":"order.updated","data":{"id":%d}}' % (order_id % 250 + 1001)
+            for n in ids:
+                body = b'{"event":"order.updated","data":{"id":%d}}' % (1001 + n % ORDERS)
                 started = time.perf_counter()
                 async with session.post(url, data=body, headers=headers) as response:
                     await response.read()
@@ -73,72 +97,145 @@ async def load(
     return requests / elapsed, latencies
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+def _wrk(url: str, seconds: float, concurrency: int, script: Path) -> tuple[float, float, float]:
+    """One wrk run: (req/s, p50 s, p99 s)."""
+    wrk = shutil.which("wrk") or "wrk"
+    out = subprocess.run(
+        [wrk, "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "Non-2xx" in out:
+        raise SystemExit(f"wrk saw non-2xx answers from {url}:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    service_port, bare_port, sandbox_port = free_port(), free_port(), free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "CLOPOS_BASE_URL": f"http://127.0.0.1:{sandbox_port}/open-api",
-        "CLOPOS_CLIENT_ID": "sandbox-client",
-        "CLOPOS_CLIENT_SECRET": "sandbox-client-secret",
-        "CLOPOS_BRAND": "sandbox",
-        "CLOPOS_INTEGRATOR_ID": "sandbox-integrator",
-        "CLOPOS_RATE_LIMIT_PER_MINUTE": "100000",
-        "WEBHOOK_SECRET": SECRET,
-        "DATABASE_URL": f"sqlite:///{tmp / 'bench.db'}",
-        "LOG_LEVEL": "warning",
-    }
-    uvicorn = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--log-level", "warning"]
-    # The sandbox gets its own process: in the load generator's it would steal its CPU
-    # during the service's rounds only (the service hydrates; the bare endpoint does not).
-    sandbox = start(
-        [*uvicorn, "benchmarks.sandbox_app:app", "--port", str(sandbox_port)], env, sandbox_port
-    )
-    service = start(
-        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(service_port)],
-        env,
-        service_port,
-    )
-    bare = start(
-        [*uvicorn, "benchmarks.bare_app:app", "--port", str(bare_port), "--no-access-log"],
-        env,
-        bare_port,
-    )
+    def pct(label: str) -> float:
+        value, unit = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+
+    return rps, pct("50"), pct("99")
+
+
+def measure(args: argparse.Namespace) -> list[Target]:
+    logs = scratch("ingest")
+    servers: list[Server] = []
     try:
-        results: dict[str, list[float]] = {"service": [], "bare": []}
-        p50: dict[str, list[float]] = {"service": [], "bare": []}
-        first_id = 0
-        for _ in range(args.rounds):
-            for name, port in (("bare", bare_port), ("service", service_port)):
-                url = f"http://127.0.0.1:{port}/webhooks/clopos"
-                rps, latencies = asyncio.run(load(url, args.requests, args.concurrency, first_id))
-                first_id += args.requests
-                results[name].append(rps)
-                p50[name].append(statistics.median(latencies) * 1000)
-        print(
-            f"ingest benchmark: {args.requests} requests x {args.rounds} rounds, "
-            f"concurrency {args.concurrency}"
-        )
-        for name in ("bare", "service"):
-            print(
-                f"  {name:8s} median {statistics.median(results[name]):8.0f} req/s   "
-                f"(rounds: {', '.join(f'{r:.0f}' for r in results[name])})   "
-                f"p50 latency {statistics.median(p50[name]):.1f} ms"
-            )
-        ratio = statistics.median(results["service"]) / statistics.median(results["bare"])
-        print(f"  service / bare throughput ratio: {ratio:.2f}")
+        sandbox = sandbox_server(logs)
+        servers.append(sandbox)
+        bare_port = free_port()
+        servers.append(Server("bare", uvicorn_cmd("benchmarks.bare_app:app", bare_port), bare_port))
+        targets = [Target("bare", f"{servers[-1].url}/webhooks/clopos")]
+        stores = [("sqlite", f"sqlite:///{logs / 'bench.db'}")]
+        if args.database_url:
+            stores.append((args.database_url.split(":", 1)[0].split("+")[0], args.database_url))
+        checkouts = [("service", ROOT)] + [
+            (name, Path(path).resolve())
+            for name, path in (item.split("=", 1) for item in args.compare)
+        ]
+        for label, checkout in checkouts:
+            for store, url in stores:
+                port = free_port()
+                name = f"{label} ({store})"
+                env = service_env(sandbox, url)
+                servers.append(Server(name, service_cmd(port), port, env=env, cwd=checkout))
+                targets.append(Target(name, f"{servers[-1].url}/webhooks/clopos"))
+        script = logs / "notify.lua"
+        script.write_text(WRK_SCRIPT % (ORDERS, WEBHOOK_SECRET))
+        first = 0
+        for round_ in range(args.rounds + 1):  # round 0 warms up (connections, caches)
+            for target in targets:
+                if args.wrk:
+                    rps, p50, p99 = _wrk(target.url, args.seconds, args.concurrency, script)
+                else:
+                    requests = args.requests if round_ else args.requests // 4
+                    rps, lat = asyncio.run(_load(target.url, requests, args.concurrency, first))
+                    first += requests
+                    p50, p99 = percentile(lat, 0.5), percentile(lat, 0.99)
+                    if round_:
+                        target.latencies += lat
+                if round_:
+                    target.rps.append(rps)
+                    target.p50.append(p50)
+                    target.p99.append(p99)
+        return targets
     finally:
-        for proc in (service, bare, sandbox):
-            proc.terminate()
-            proc.wait(timeout=30)
+        for server in reversed(servers):
+            server.stop()
+
+
+def _p(target: Target, fraction: float) -> float:
+    """Pooled percentile (Python client) or the median of wrk's per-round figure."""
+    if target.latencies:
+        return percentile(target.latencies, fraction) * 1000
+    return median(target.p50 if fraction == 0.5 else target.p99) * 1000
+
+
+def report(targets: list[Target], args: argparse.Namespace) -> list[Row]:
+    bare = targets[0]
+    client = "wrk -t1" if args.wrk else "python aiohttp client"
+    size = f"{args.seconds}s" if args.wrk else f"{args.requests} requests"
+    print(
+        f"ingest: {args.rounds} alternated rounds of {size} per server, "
+        f"concurrency {args.concurrency}, {client}"
+    )
+    for target in targets:
+        print(
+            f"  {target.name:22s} median {median(target.rps):7.0f} req/s  "
+            f"p50 {_p(target, 0.5):6.1f} ms  p99 {_p(target, 0.99):6.1f} ms  "
+            f"(rounds: {', '.join(f'{r:.0f}' for r in target.rps)})"
+        )
+    rows = []
+    for target in targets[1:]:
+        ratios = [s / b for s, b in zip(target.rps, bare.rps, strict=True)]
+        ratio = median(ratios)
+        p99_factor = _p(target, 0.99) / _p(bare, 0.99)
+        print(
+            f"  {target.name}: throughput {ratio:.2f}x bare (per-round: "
+            f"{', '.join(f'{r:.2f}' for r in ratios)}), p99 {p99_factor:.1f}x bare"
+        )
+        rows.append(
+            Row(
+                "1. ingest",
+                f"{target.name} req/s",
+                f"{median(target.rps):.0f}",
+                f"bare {median(bare.rps):.0f}",
+                f"{ratio:.2f}x",
+                f">= {GOAL_RATIO}x",
+                "met" if ratio >= GOAL_RATIO else "NOT met",
+            )
+        )
+        rows.append(
+            Row(
+                "1. ingest",
+                f"{target.name} p50 / p99 ms",
+                f"{_p(target, 0.5):.1f} / {_p(target, 0.99):.1f}",
+                f"bare {_p(bare, 0.5):.1f} / {_p(bare, 0.99):.1f}",
+                f"p99 {p99_factor:.1f}x",
+                f"p99 <= {GOAL_P99_FACTOR:.0f}x",
+                "met" if p99_factor <= GOAL_P99_FACTOR else "NOT met",
+            )
+        )
+    return rows
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--requests", type=int, default=2000, help="per round and server")
+    p.add_argument("--seconds", type=float, default=3.0, help="per round and server (--wrk)")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"))
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=CHECKOUT")
+    p.add_argument("--wrk", action="store_true")
+    return p
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    if args.wrk and shutil.which("wrk") is None:
+        raise SystemExit("--wrk: wrk is not installed (apt-get install wrk)")
+    return report(measure(args), args)
 
 
 if __name__ == "__main__":
-    main()
+    run(parser().parse_args())
