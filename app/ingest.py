@@ -238,7 +238,7 @@ async def _accept(runtime: Runtime, request: Request, brand: str) -> JSONRespons
     )
 
 
-async def _handle(runtime: Runtime, request: Request, brand: str | None) -> Response:
+async def handle(runtime: Runtime, request: Request, brand: str | None) -> Response:
     route = "default" if brand is None else "brand"
     runtime.metrics.received.labels(route).inc()
     try:
@@ -262,9 +262,9 @@ async def _handle(runtime: Runtime, request: Request, brand: str | None) -> Resp
 
 @router.post("/webhooks/clopos", status_code=202)
 async def webhook_default(request: Request, runtime: RuntimeDep) -> Response:
-    return await _handle(runtime, request, None)
+    return await handle(runtime, request, None)
 
 
 @router.post("/webhooks/clopos/{brand}", status_code=202)
 async def webhook_brand(brand: str, request: Request, runtime: RuntimeDep) -> Response:
-    return await _handle(runtime, request, brand)
+    return await handle(runtime, request, brand)

@@ -9,11 +9,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import __version__, admin, ingest, ops
 from app.access_log import AccessLogMiddleware
 from app.runtime import Runtime
 from app.settings import Config
+from app.webhook_route import NOT_WEBHOOK, WebhookRoute, match
+
+
+class ServiceApp(FastAPI):
+    """FastAPI, except that webhook requests go straight to their own handler (wrapped in
+    the same access log), ahead of FastAPI's middleware stack: see app/webhook_route.py."""
+
+    webhook_app: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.webhook_app is not None and match(scope) is not NOT_WEBHOOK:
+            await self.webhook_app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(config: Config, *, runtime: Runtime | None = None) -> FastAPI:
@@ -28,7 +43,7 @@ def create_app(config: Config, *, runtime: Runtime | None = None) -> FastAPI:
         finally:
             await rt.stop()
 
-    app = FastAPI(
+    app = ServiceApp(
         title="clopos-hydrator",
         version=__version__,
         lifespan=lifespan,
@@ -39,6 +54,7 @@ def create_app(config: Config, *, runtime: Runtime | None = None) -> FastAPI:
         redirect_slashes=False,
     )
     app.state.runtime = rt
+    app.webhook_app = AccessLogMiddleware(WebhookRoute(rt))
     app.include_router(ingest.router)
     app.include_router(ops.router)
     if config.settings.admin_token is not None:
