@@ -433,3 +433,76 @@ async def test_a_store_in_use_by_another_process_refuses_to_open(tmp_path: Path)
     await store.open()
     await store.ping()
     await store.close()
+
+
+# --- operations without a savepoint (the enqueue hot path) ------------------------------
+
+
+def _write_then_fail(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "INSERT INTO dead_letters (kind, brand, order_id, reason, last_error, attempts,"
+        " created_at) VALUES ('hydration', 'acme', 1, 'x', 'x', 1, 0)"
+    )
+    conn.execute("SELECT * FROM no_such_table")
+
+
+def _fail_before_writing(conn: sqlite3.Connection) -> None:
+    conn.execute("SELECT * FROM no_such_table")
+
+
+async def test_an_op_without_savepoint_failing_before_any_write_fails_alone(
+    sqlite_store: SqliteStore,
+) -> None:
+    gate = Gate()
+    held = await gate.hold(sqlite_store)
+    good = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(5)]
+    bad = asyncio.create_task(sqlite_store.run("fail_early", _fail_before_writing, savepoint=False))
+    more = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(5, 10)]
+    await asyncio.sleep(0)
+    gate.release.set()
+    await held
+
+    with pytest.raises(StoreError, match="no_such_table"):
+        await bad
+    assert all(not r.duplicate for r in await asyncio.gather(*good, *more))
+    jobs = await sqlite_store.claim_hydrations(limit=50, now=T0, lease_seconds=60)
+    assert len(jobs) == 10, "the rest of the batch committed"
+
+
+async def test_an_op_without_savepoint_failing_after_a_write_fails_its_whole_batch(
+    sqlite_store: SqliteStore,
+) -> None:
+    """Nothing can take back just its part, so nothing of its batch is committed."""
+    gate = Gate()
+    held = await gate.hold(sqlite_store)
+    victims = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(5)]
+    culprit = asyncio.create_task(
+        sqlite_store.run("write_then_fail", _write_then_fail, savepoint=False)
+    )
+    await asyncio.sleep(0)
+    gate.release.set()
+    await held
+    for task in (*victims, culprit):
+        with pytest.raises(StoreError, match="not committed"):
+            await task
+
+    await sqlite_store.enqueue(notice(99))  # the store carries on
+    assert (await sqlite_store.list_dead_letters(DeadLetterFilter())).total == 0
+    jobs = await sqlite_store.claim_hydrations(limit=50, now=T0, lease_seconds=60)
+    assert [job.order_id for job in jobs] == [99], "the failed batch left nothing behind"
+
+
+async def test_enqueue_runs_without_a_savepoint(sqlite_store: SqliteStore) -> None:
+    statements: list[str] = []
+    await sqlite_store.run(
+        "trace", lambda conn: conn.set_trace_callback(statements.append), savepoint=False
+    )
+    try:
+        await sqlite_store.enqueue(notice(1))
+        await sqlite_store.enqueue(notice(1, T0 + 1))
+    finally:
+        await sqlite_store.run(
+            "untrace", lambda conn: conn.set_trace_callback(None), savepoint=False
+        )
+    assert any(s.lstrip().startswith("INSERT INTO notifications") for s in statements)
+    assert not [s for s in statements if "SAVEPOINT" in s.upper()], statements

@@ -123,15 +123,15 @@ class SqliteStore:
         if lock is not None:
             lock.release()
 
-    async def run(self, name: str, fn: Callable[[Conn], T]) -> T:
+    async def run(self, name: str, fn: Callable[[Conn], T], *, savepoint: bool = True) -> T:
         """Run ``fn(connection)`` on the writer thread, in the next group commit.
 
         The escape hatch for SQLite-specific tooling and tests; store semantics live in
-        the methods below.
+        the methods below. ``savepoint``: see :mod:`app.store.sqlite_writer`.
         """
         if self._writer is None:
             raise StoreError(f"{name}: the store is not open")
-        return await self._writer.submit(name, fn)
+        return await self._writer.submit(name, fn, savepoint=savepoint)
 
     async def pragmas(self) -> dict[str, Any]:
         """The connection settings in force (for diagnostics)."""
@@ -152,7 +152,9 @@ class SqliteStore:
     # --- ingest -----------------------------------------------------------------------
 
     async def enqueue(self, notification: Notification) -> EnqueueResult:
-        return await self.run("enqueue", lambda conn: _enqueue(conn, notification))
+        # No savepoint: the enqueue fails only on a broken database, never as an
+        # expected outcome after a write; it is the ingest hot path.
+        return await self.run("enqueue", lambda conn: _enqueue(conn, notification), savepoint=False)
 
     # --- hydration queue ----------------------------------------------------------------
 
