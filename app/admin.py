@@ -19,7 +19,9 @@ from pydantic import BeforeValidator
 from app import ids, signing
 from app.errors import StoreError
 from app.logs import get_logger
+from app.poller import PollStatus
 from app.runtime import Runtime, RuntimeDep
+from app.status import ServiceStatus
 from app.store.base import DeadLetter, DeadLetterFilter, Notification
 
 log = get_logger("app.admin")
@@ -205,37 +207,36 @@ async def hydrate_order(
 
 @router.get("/status")
 async def status(runtime: RuntimeDep) -> dict[str, Any]:
-    """Everything `clopos-hydrator status` shows, as JSON."""
-    await runtime.refresh_state()
-    stats = runtime.last_stats
+    """Everything `clopos-hydrator status` shows, as JSON: one ``Runtime.status()``."""
+    return status_json(await runtime.status())
+
+
+def status_json(status: ServiceStatus) -> dict[str, Any]:
+    stats = status.store
     queues = {name: asdict(q) for name, q in stats.queues().items()} if stats else {}
     dead: dict[str, int] = {}
     for (kind, reason, sink), count in (stats.dead_letters if stats else {}).items():
         key = f"{kind}/{reason}" + (f"/{sink}" if sink else "")
         dead[key] = count
-    budgets = runtime.budget.state()
-    brands = {}
-    for name, brand in runtime.config.brands.items():
-        pause = runtime.paused.get(name)
-        budget = budgets.get(brand.tenant)
-        brands[name] = {
-            "tenant": brand.tenant,
-            "credentials": "paused" if pause else "accepted",
-            "paused_reason": pause.reason if pause else None,
-            "budget": asdict(budget) if budget is not None else None,
-            "poll": _poll_status(runtime, name),
-        }
-    sinks = {
+    brands = {
         name: {
-            "kind": d.sink.kind,
-            "circuit": d.breaker.state,
-            "in_flight": runtime.delivery_loops[name].inflight,
+            "tenant": brand.tenant,
+            "credentials": "paused" if brand.paused else "accepted",
+            "paused_reason": brand.paused_reason,
+            "budget": asdict(brand.budget) if brand.budget is not None else None,
+            "poll": _poll_json(brand.poll),
         }
-        for name, d in runtime.deliverers.items()
+        for name, brand in status.brands.items()
+    }
+    sinks = {
+        name: {"kind": sink.kind, "circuit": sink.circuit, "in_flight": sink.in_flight}
+        for name, sink in status.sinks.items()
     }
     return {
-        "uptime_seconds": round(time.time() - runtime.started_at, 1),
-        "store_error": runtime.last_store_error,
+        "uptime_seconds": round(status.uptime_seconds, 1),
+        "ready": status.ready,
+        "failing_checks": {n: c.detail for n, c in status.checks.items() if not c.ok},
+        "store_error": status.store_error,
         "queues": queues,
         "dead_letters": dead,
         "brands": brands,
@@ -247,17 +248,16 @@ def _iso(moment: float | None) -> str | None:
     return None if moment is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
 
 
-def _poll_status(runtime: Runtime, brand: str) -> dict[str, Any] | None:
+def _poll_json(poll: PollStatus | None) -> dict[str, Any] | None:
     """The brand's reconciliation poller position; None when polling is off."""
-    if runtime.poller is None:
+    if poll is None:
         return None
-    status = runtime.poller.status(brand)
     return {
-        "watermark": _iso(status.watermark),
-        "last_success_at": _iso(status.last_success_at),
-        "last_outcome": status.last_outcome,
-        "last_error": status.last_error,
-        "backlog_page": status.backlog_page,
+        "watermark": _iso(poll.watermark),
+        "last_success_at": _iso(poll.last_success_at),
+        "last_outcome": poll.last_outcome,
+        "last_error": poll.last_error,
+        "backlog_page": poll.backlog_page,
     }
 
 

@@ -2,19 +2,20 @@
 
 Event counters and latency histograms are updated where things happen. Gauges that
 describe state (queue depth, oldest age, dead letters, budget, breaker and pause
-states) are read at scrape time from a :class:`StateSnapshot` the runtime fills in,
-through a custom collector, so they can never drift from the store.
+states, readiness) are rendered at scrape time from the :class:`ServiceStatus` that
+``Runtime.status()`` read for that scrape, so they can never drift from the store, and
+a store that cannot be read shows as ``store_up 0`` with no queue figures at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.status import BrandStatus, ServiceStatus
 from app.store.base import StoreStats
 
 PREFIX = "clopos_hydrator"
@@ -22,61 +23,47 @@ PREFIX = "clopos_hydrator"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200)
 
 
-@dataclass
-class UpstreamState:
-    """What one brand's Clopos client and budget report."""
+class _StatusCollector(Collector):
+    """The state gauges of one :class:`ServiceStatus` (a new one each scrape)."""
 
-    brand: str
-    tenant: str
-    calls_by_status: dict[str, int]
-    auth_calls: int
-    paused: bool
-    budget_limit: float | None
-    budget_remaining: float | None
-
-
-@dataclass
-class SinkState:
-    name: str
-    breaker_state: str  # closed, open, half_open
-
-
-@dataclass
-class PollState:
-    """One brand's reconciliation poller position (app/poller.py)."""
-
-    brand: str
-    watermark: float | None  # epoch seconds of the newest Clopos updated_at read
-    last_success_at: float | None
-
-
-@dataclass
-class StateSnapshot:
-    store: StoreStats | None = None
-    upstream: list[UpstreamState] = field(default_factory=list)
-    sinks: list[SinkState] = field(default_factory=list)
-    polls: list[PollState] = field(default_factory=list)  # empty when polling is off
-
-
-class _StateCollector(Collector):
-    def __init__(self, read: Callable[[], StateSnapshot]) -> None:
-        self._read = read
+    def __init__(self, status: ServiceStatus) -> None:
+        self._status = status
 
     def collect(self) -> Iterator[Metric]:
-        state = self._read()
-        yield from self._queues(state.store)
-        yield from self._upstream(state.upstream)
+        status = self._status
+        yield from self._health(status)
+        yield from self._queues(status.store)
+        yield from self._upstream(status.brands)
         breaker = GaugeMetricFamily(
             f"{PREFIX}_sink_circuit_open",
             "1 when the sink's circuit breaker is open or half-open (deliveries paused).",
             labels=["sink"],
         )
-        for sink in state.sinks:
-            breaker.add_metric([sink.name], 0.0 if sink.breaker_state == "closed" else 1.0)
+        for name, sink in status.sinks.items():
+            breaker.add_metric([name], 0.0 if sink.circuit == "closed" else 1.0)
         yield breaker
-        yield from self._polls(state.polls)
+        yield from self._polls(status.brands)
 
-    def _polls(self, polls: list[PollState]) -> Iterator[Metric]:
+    def _health(self, status: ServiceStatus) -> Iterator[Metric]:
+        store_up = GaugeMetricFamily(
+            f"{PREFIX}_store_up",
+            "1 when the store answered this scrape's ping and queue read, else 0.",
+        )
+        store_up.add_metric([], 1.0 if status.store_error is None else 0.0)
+        ready = GaugeMetricFamily(
+            f"{PREFIX}_ready", "1 when every readiness check passes (what /readyz answers)."
+        )
+        ready.add_metric([], 1.0 if status.ready else 0.0)
+        checks = GaugeMetricFamily(
+            f"{PREFIX}_readiness_check_ok",
+            "Each readiness check of /readyz: 1 when it passes.",
+            labels=["check"],
+        )
+        for name, check in status.checks.items():
+            checks.add_metric([name], 1.0 if check.ok else 0.0)
+        yield from (store_up, ready, checks)
+
+    def _polls(self, brands: Mapping[str, BrandStatus]) -> Iterator[Metric]:
         watermark = GaugeMetricFamily(
             f"{PREFIX}_poll_watermark_timestamp_seconds",
             "The newest Clopos updated_at the poller has read, per brand (epoch seconds).",
@@ -87,14 +74,17 @@ class _StateCollector(Collector):
             "When the brand's last poll cycle succeeded (epoch seconds).",
             labels=["brand"],
         )
-        for poll in polls:
-            if poll.watermark is not None:
-                watermark.add_metric([poll.brand], poll.watermark)
-            if poll.last_success_at is not None:
-                success.add_metric([poll.brand], poll.last_success_at)
+        for name, brand in brands.items():
+            if brand.poll is None:
+                continue
+            if brand.poll.watermark is not None:
+                watermark.add_metric([name], brand.poll.watermark)
+            if brand.poll.last_success_at is not None:
+                success.add_metric([name], brand.poll.last_success_at)
         yield from (watermark, success)
 
     def _queues(self, stats: StoreStats | None) -> Iterator[Metric]:
+        """Absent (not zero, not the last reading) when the store could not be read."""
         depth = GaugeMetricFamily(
             f"{PREFIX}_queue_depth",
             "Work items waiting or in flight, by stage, sink and state.",
@@ -121,7 +111,7 @@ class _StateCollector(Collector):
                 dead.add_metric([kind, reason, sink], count)
         yield from (depth, oldest, dead)
 
-    def _upstream(self, upstream: list[UpstreamState]) -> Iterator[Metric]:
+    def _upstream(self, brands: Mapping[str, BrandStatus]) -> Iterator[Metric]:
         calls = CounterMetricFamily(
             f"{PREFIX}_upstream_requests",
             "Requests made to the Clopos API, by brand and status (or error kind).",
@@ -147,22 +137,24 @@ class _StateCollector(Collector):
             "1 when Clopos rejected the brand's credentials and its work is paused.",
             labels=["brand"],
         )
-        for item in upstream:
-            for status, count in sorted(item.calls_by_status.items()):
-                calls.add_metric([item.brand, status], count)
-            auth.add_metric([item.brand], item.auth_calls)
-            if item.budget_remaining is not None:
-                remaining.add_metric([item.tenant], item.budget_remaining)
-            if item.budget_limit is not None:
-                limit.add_metric([item.tenant], item.budget_limit)
-            paused.add_metric([item.brand], 1.0 if item.paused else 0.0)
+        tenants_seen: set[str] = set()
+        for name, brand in brands.items():
+            for status, count in sorted(brand.calls_by_status.items()):
+                calls.add_metric([name, status], count)
+            auth.add_metric([name], brand.auth_calls)
+            budget = brand.budget
+            if budget is not None and brand.tenant not in tenants_seen:
+                tenants_seen.add(brand.tenant)  # brands may share a tenant (and its budget)
+                if budget.remaining is not None:
+                    remaining.add_metric([brand.tenant], float(budget.remaining))
+                limit.add_metric([brand.tenant], float(budget.limit))
+            paused.add_metric([name], 1.0 if brand.paused else 0.0)
         yield from (calls, auth, remaining, limit, paused)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.state = StateSnapshot()
         r = self.registry
         self.received = Counter(
             f"{PREFIX}_notifications_received",
@@ -241,7 +233,6 @@ class Metrics:
             ["brand"],
             registry=r,
         )
-        self.registry.register(_StateCollector(lambda: self.state))
 
     def hydration_finished(
         self, brand: str, outcome: str, reason: str | None, seconds: float | None, latency: float
@@ -271,5 +262,8 @@ class Metrics:
         if enqueued:
             self.poll_enqueued.labels(brand).inc(enqueued)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, status: ServiceStatus) -> bytes:
+        """The exposition text: event metrics, then the state gauges of ``status``."""
+        state = CollectorRegistry(auto_describe=False)
+        state.register(_StatusCollector(status))
+        return generate_latest(self.registry) + generate_latest(state)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import httpx
 from fastapi import Depends, Request
@@ -24,21 +24,26 @@ from app.delivery import SinkDeliverer
 from app.errors import StoreError
 from app.hydration import Hydrator
 from app.logs import REDACTOR, get_logger
-from app.metrics import Metrics, PollState, SinkState, UpstreamState
+from app.metrics import Metrics
 from app.pauses import BrandPauses
-from app.poller import Poller
+from app.poller import Poller, PollStatus
 from app.retry import RetryPolicy
 from app.settings import Config, HttpSinkConfig
 from app.sinks.base import Sink
 from app.sinks.breaker import CircuitBreaker
 from app.sinks.http import HttpSink
 from app.sinks.log import LogSink
+from app.status import BrandStatus, Check, ServiceStatus, SinkStatus, Thresholds, readiness_checks
 from app.store import open_store
-from app.store.base import Delivery, HydrationJob, QueueStats, Store, StoreStats
+from app.store.base import Delivery, HydrationJob, QueueStats, Store
 from app.workers import WorkLoop
 
 log = get_logger("app.runtime")
 PRUNE_INTERVAL_SECONDS = 3600.0
+# /readyz and /metrics answer within this even when the store hangs (a locked SQLite
+# file waits out its busy timeout): probes and scrapes have short timeouts of their own.
+STATUS_STORE_TIMEOUT_SECONDS = 2.0
+T = TypeVar("T")
 
 
 def build_sinks(config: Config) -> list[Sink]:
@@ -121,9 +126,6 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.on_fatal: Callable[[str], None] = lambda reason: None
-        self.last_stats: StoreStats | None = None
-        self.last_store_error: str | None = None
-        self.orphaned_sinks: list[str] = []
 
     def _breaker_for(self, index: int) -> CircuitBreaker:
         sink_config = self.config.settings.sinks[index]
@@ -213,51 +215,68 @@ class Runtime:
                 log.error("store.prune_failed", error=str(exc))
             await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
 
-    async def refresh_state(self) -> None:
-        """Read queue stats and component states for /metrics and /readyz."""
-        try:
-            stats = await self.store.stats(now=time.time())
+    async def status(self) -> ServiceStatus:
+        """Everything /readyz, /metrics and /admin/status show, read now, in one value."""
+        now = time.time()
+        (ping_error, _), (stats_error, stats) = await asyncio.gather(
+            _store_read(self.store.ping()), _store_read(self.store.stats(now=now))
+        )
+        orphaned: tuple[str, ...] = ()
+        if stats is not None:
             # Work queued under a sink name no longer in SINKS (a renamed or removed sink)
             # is never claimed: readiness names it rather than letting it wait in silence.
-            self.orphaned_sinks = sorted(set(stats.deliveries) - set(self.deliverers))
+            orphaned = tuple(sorted(set(stats.deliveries) - set(self.deliverers)))
             # The store lists only sinks with work; show every configured sink, idle ones at 0.
             idle = QueueStats(pending=0, running=0, oldest_pending_age=None)
             deliveries = {name: stats.deliveries.get(name, idle) for name in self.deliverers}
-            self.last_stats = replace(stats, deliveries=deliveries)
-            self.last_store_error = None
-        except StoreError as exc:
-            self.last_store_error = str(exc)
-        budgets = self.budget.state()
-        upstream = []
-        for brand, client in self.clients.items():
-            tenant = self.config.brands[brand].tenant
-            budget = budgets.get(tenant)
-            upstream.append(
-                UpstreamState(
-                    brand=brand,
-                    tenant=tenant,
-                    calls_by_status=dict(client.calls_by_status),
-                    auth_calls=client.auth_calls,
-                    paused=brand in self.paused,
-                    budget_limit=float(budget.limit) if budget is not None else None,
-                    budget_remaining=(
-                        float(budget.remaining)
-                        if budget is not None and budget.remaining is not None
-                        else None
-                    ),
+            stats = replace(stats, deliveries=deliveries)
+        settings = self.config.settings
+        reading = ServiceStatus(
+            at=now,
+            uptime_seconds=now - self.started_at,
+            store=stats,
+            store_error=ping_error or stats_error,
+            brands=self._brand_statuses(),
+            sinks={
+                name: SinkStatus(
+                    kind=d.sink.kind,
+                    circuit=d.breaker.state,
+                    in_flight=self.delivery_loops[name].inflight,
                 )
+                for name, d in self.deliverers.items()
+            },
+            loops_alive=self.loops_alive(),
+            orphaned_sinks=orphaned,
+            unauthenticated_webhooks=(
+                settings.webhook_secret is None and settings.webhook_allow_unauthenticated
+            ),
+        )
+        limits = Thresholds(settings.ready_max_backlog, settings.ready_max_oldest_seconds)
+        checks = readiness_checks(reading, limits, store_writable=ping_error is None)
+        return replace(reading, checks=checks)
+
+    def _brand_statuses(self) -> dict[str, BrandStatus]:
+        budgets = self.budget.state()
+        brands = {}
+        for name, client in self.clients.items():
+            tenant = self.config.brands[name].tenant
+            pause = self.paused.get(name)
+            poll: PollStatus | None = None
+            poll_check: Check | None = None
+            if self.poller is not None:
+                poll = replace(self.poller.status(name))  # a copy: the poller updates its own
+                poll_check = Check(*self.poller.readiness(name))
+            brands[name] = BrandStatus(
+                tenant=tenant,
+                calls_by_status=dict(client.calls_by_status),
+                auth_calls=client.auth_calls,
+                budget=budgets.get(tenant),
+                paused_since=pause.since if pause is not None else None,
+                paused_reason=pause.reason if pause is not None else None,
+                poll=poll,
+                poll_check=poll_check,
             )
-        self.metrics.state.store = self.last_stats
-        self.metrics.state.upstream = upstream
-        self.metrics.state.sinks = [
-            SinkState(name, d.breaker.state) for name, d in self.deliverers.items()
-        ]
-        if self.poller is not None:
-            statuses = {brand: self.poller.status(brand) for brand in self.clients}
-            self.metrics.state.polls = [
-                PollState(brand, status.watermark, status.last_success_at)
-                for brand, status in statuses.items()
-            ]
+        return brands
 
     # --- lifecycle ---
 
@@ -323,6 +342,17 @@ class Runtime:
         await self.http.aclose()
         await self.store.close()
         log.info("service.stopped")
+
+
+async def _store_read(call: Awaitable[T]) -> tuple[str | None, T | None]:
+    """(error, result) of one store call: a failed or slow read is reported, not raised."""
+    try:
+        async with asyncio.timeout(STATUS_STORE_TIMEOUT_SECONDS):
+            return None, await call
+    except StoreError as exc:
+        return str(exc) or type(exc).__name__, None
+    except TimeoutError:
+        return f"did not answer within {STATUS_STORE_TIMEOUT_SECONDS:.0f}s", None
 
 
 async def get_runtime(request: Request) -> Runtime:
