@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: sandbox serve test lint typecheck unit bench clean
+.PHONY: sandbox serve test lint typecheck unit promtool bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -30,7 +30,12 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-test: lint typecheck unit
+# The alert-rule tests need promtool: installed here when missing and possible (root with
+# apt-get, as in CI); otherwise .ci/ensure-promtool says so and those tests skip.
+promtool:
+	@.ci/ensure-promtool
+
+test: lint typecheck promtool unit
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
