@@ -2,27 +2,54 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from app.store.base import Store
+from app.store.postgres import PostgresStore
 from app.store.sqlite import SqliteStore
+from tests.pg import PgServer, build_template, start_server, stop_server
 
-# Add "postgresql" here (and a branch in make_store) when that backend exists.
-STORE_BACKENDS = ["sqlite"]
+STORE_BACKENDS = ["sqlite", "postgresql"]
 
 
-def make_store(backend: str, tmp_path: Path) -> Store:
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL server for the run (started on first use), with a migrated template."""
+    with tempfile.TemporaryDirectory(prefix="hydrator-pg-") as workdir:
+        server = start_server(Path(workdir))
+        try:
+            build_template(server)
+            yield server
+        finally:
+            stop_server(server)
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> Iterator[str]:
+    """A libpq URL of a fresh, migrated database of its own for this test."""
+    name = pg_server.create_database()
+    try:
+        yield pg_server.url(name)
+    finally:
+        pg_server.drop_database(name)
+
+
+def make_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
     if backend == "sqlite":
         return SqliteStore(tmp_path / "store.db")
+    if backend == "postgresql":
+        # The contract drives time through ``now=``, leases included.
+        return PostgresStore(request.getfixturevalue("pg_url"), lease_clock="caller")
     raise ValueError(f"unknown store backend {backend!r}")
 
 
 @pytest.fixture(params=STORE_BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    instance = make_store(request.param, tmp_path)
+    instance = make_store(request.param, tmp_path, request)
     await instance.open()
     try:
         yield instance

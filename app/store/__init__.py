@@ -45,10 +45,29 @@ def hold_database(database_url: str) -> DatabaseLock | None:
     return DatabaseLock(sqlite_path(database_url))
 
 
+def postgres_conninfo(database_url: str) -> str:
+    """Check a libpq URL (``postgresql://user:pw@host:port/db``, or a Unix-socket
+    directory as ``postgresql://user@/db?host=/run/postgresql``) without connecting."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(database_url)
+    except psycopg.Error as error:
+        raise ConfigError("DATABASE_URL", f"not a usable PostgreSQL URL: {error}") from None
+    # libpq parses a port lazily (at connect time); say it now, at start-up.
+    for port in str(params.get("port") or "").split(","):
+        if port and not port.isdigit():
+            raise ConfigError("DATABASE_URL", f"the port {port!r} is not a number")
+    return database_url
+
+
 def open_store(database_url: str) -> Store:
     """Build the store for ``database_url`` (not yet opened)."""
     if database_url.startswith(POSTGRES_SCHEMES):
-        raise ConfigError("DATABASE_URL", "PostgreSQL store is not available in this version")
+        from app.store.postgres import PostgresStore
+
+        return PostgresStore(postgres_conninfo(database_url))
     if database_url.startswith("sqlite:"):
         from app.store.sqlite import SqliteStore
 
@@ -56,4 +75,4 @@ def open_store(database_url: str) -> Store:
     raise ConfigError("DATABASE_URL", "must start with sqlite:/// or postgresql://")
 
 
-__all__ = ["Store", "hold_database", "open_store", "sqlite_path"]
+__all__ = ["Store", "hold_database", "open_store", "postgres_conninfo", "sqlite_path"]

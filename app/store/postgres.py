@@ -1,0 +1,922 @@
+"""The PostgreSQL store: the store port shared by several replicas of the service.
+
+Semantics are the port's (:mod:`app.store.base`) and SQLite's (:mod:`app.store.sqlite`
+explains the bookkeeping columns); this module is about keeping them when several
+processes work on one database at once:
+
+* Every operation is one transaction on a pooled connection (psycopg 3,
+  ``psycopg_pool``). A hydration job's row lock serializes everything about its order's
+  job; claims lock with ``FOR UPDATE SKIP LOCKED`` (see :mod:`app.store.pg_sql`).
+* Nothing is voided when a store opens: other replicas' leases are live. A lease ends
+  when it expires by the **database's** clock (``lease_clock="database"``, the default),
+  never by a replica's. ``lease_clock="caller"`` measures leases by the ``now`` the caller
+  passes, as SQLite does; the store contract tests drive time that way.
+* Schema migrations run under an advisory lock (:mod:`app.store.pg_migrate`), so
+  replicas may start together.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from app.errors import StoreError
+from app.logs import get_logger
+from app.store import pg_sql as sql
+from app.store.base import (
+    CompleteResult,
+    DeadLetter,
+    DeadLetterFilter,
+    DeadLetterKind,
+    DeadLetterPage,
+    Delivery,
+    EnqueueResult,
+    HydrationJob,
+    HydrationOutcome,
+    NewSnapshot,
+    Notification,
+    PruneResult,
+    QueueStats,
+    ReplayMode,
+    StoreStats,
+)
+from app.store.pg_migrate import migrate
+
+log = get_logger("app.store.postgres")
+Conn = psycopg.AsyncConnection[DictRow]
+LeaseClock = Literal["database", "caller"]
+
+MAX_NOTIFICATION_IDS = 1000
+PRUNE_CHUNK = 2000
+OPERATOR_SOURCES = ("admin", "replay")
+INT8_MAX = 2**63 - 1
+# Transient conflicts between replicas' transactions: the operation is simply run again.
+RETRIED_ERRORS = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+ATTEMPTS_ON_CONFLICT = 5
+
+
+def _int8(value: int) -> int:
+    """Refuse an id PostgreSQL's bigint cannot hold (psycopg would bind it as numeric)."""
+    if not -INT8_MAX - 1 <= value <= INT8_MAX:
+        raise StoreError(f"id {value} is out of range")
+    return value
+
+
+class PostgresStore:
+    """The store port on one PostgreSQL database (libpq URL or key/value conninfo)."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        pool_size: int = 10,
+        lease_clock: LeaseClock = "database",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.conninfo = conninfo
+        self._pool_size = pool_size
+        self._lease_clock = lease_clock
+        # Only for bookkeeping stamps (updated_at) of calls that take no ``now``.
+        self._clock = clock
+        self._pool: AsyncConnectionPool[Conn] | None = None
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                self.conninfo, autocommit=True
+            ) as conn:
+                applied = await migrate(conn)
+            pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+                self.conninfo,
+                min_size=1,
+                max_size=self._pool_size,
+                kwargs={"autocommit": True, "row_factory": dict_row},
+                open=False,
+                name="clopos-hydrator",
+            )
+            await pool.open(wait=True, timeout=30)
+        except (psycopg.Error, OSError) as error:
+            raise StoreError(f"open: {error}") from error
+        self._pool = pool
+        if applied:
+            log.info("store.migrated", applied=applied)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    @asynccontextmanager
+    async def _transaction(self, name: str) -> AsyncIterator[Conn]:
+        if self._pool is None:
+            raise StoreError(f"{name}: the store is not open")
+        async with self._pool.connection() as conn, conn.transaction():
+            yield conn
+
+    async def _run(self, name: str, op: Callable[[Conn], Any]) -> Any:
+        """Run ``op`` in one transaction; conflicts with other replicas are retried."""
+        for attempt in range(ATTEMPTS_ON_CONFLICT):
+            try:
+                async with self._transaction(name) as conn:
+                    return await op(conn)
+            except RETRIED_ERRORS:
+                if attempt + 1 == ATTEMPTS_ON_CONFLICT:
+                    raise
+            except StoreError:
+                raise
+            except (psycopg.Error, OSError) as error:
+                raise StoreError(f"{name}: {error}") from error
+        raise StoreError(f"{name}: gave up after repeated conflicts")  # pragma: no cover
+
+    def _lease_now(self, now: float) -> float | None:
+        return now if self._lease_clock == "caller" else None
+
+    async def ping(self) -> None:
+        async def beat(conn: Conn) -> None:
+            cursor = await conn.execute(sql.HEARTBEAT, {"now": self._clock()})
+            if cursor.rowcount != 1:
+                raise StoreError("ping: the heartbeat row is missing")
+
+        await self._run("ping", beat)
+
+    # --- ingest -------------------------------------------------------------------------
+
+    async def enqueue(self, notification: Notification) -> EnqueueResult:
+        result: EnqueueResult = await self._run(
+            "enqueue", lambda conn: _enqueue(conn, notification)
+        )
+        return result
+
+    # --- hydration queue ------------------------------------------------------------------
+
+    async def claim_hydrations(
+        self,
+        *,
+        limit: int,
+        now: float,
+        lease_seconds: float,
+        exclude_brands: frozenset[str] = frozenset(),
+    ) -> list[HydrationJob]:
+        if limit <= 0:
+            return []
+        params = {
+            "now": now,
+            "lease_now": self._lease_now(now),
+            "lease_seconds": lease_seconds,
+            "limit": limit,
+            "exclude": sorted(exclude_brands),
+        }
+        jobs: list[HydrationJob] = await self._run(
+            "claim_hydrations", lambda conn: _claim_hydrations(conn, params)
+        )
+        return jobs
+
+    async def complete_hydration(
+        self, job: HydrationJob, snapshot: NewSnapshot, sinks: list[str], *, now: float
+    ) -> CompleteResult:
+        result: CompleteResult = await self._run(
+            "complete_hydration", lambda conn: _complete_hydration(conn, job, snapshot, sinks, now)
+        )
+        return result
+
+    async def retry_hydration(
+        self,
+        job: HydrationJob,
+        *,
+        retry_at: float,
+        error: str,
+        count_attempt: bool = True,
+        not_found: bool = False,
+    ) -> bool:
+        params = {
+            "id": job.id,
+            "lease_token": job.lease_token,
+            "retry_at": retry_at,
+            "error": error,
+            "add_attempt": int(count_attempt and not not_found),
+            "add_not_found": int(not_found),
+            "now": self._clock(),
+        }
+        return await self._changed("retry_hydration", sql.RETRY_JOB, params)
+
+    async def release_hydration(self, job: HydrationJob) -> bool:
+        params = {"id": job.id, "lease_token": job.lease_token, "now": self._clock()}
+        return await self._changed("release_hydration", sql.RELEASE_JOB, params)
+
+    async def dead_letter_hydration(
+        self, job: HydrationJob, *, reason: str, error: str, now: float
+    ) -> bool:
+        done: bool = await self._run(
+            "dead_letter_hydration",
+            lambda conn: _dead_letter_hydration(conn, job, reason, error, now),
+        )
+        return done
+
+    # --- delivery queue -------------------------------------------------------------------
+
+    async def claim_deliveries(
+        self, *, sink: str, limit: int, now: float, lease_seconds: float
+    ) -> list[Delivery]:
+        if limit <= 0:
+            return []
+        params = {
+            "sink": sink,
+            "now": now,
+            "lease_now": self._lease_now(now),
+            "lease_seconds": lease_seconds,
+        }
+        claimed: list[Delivery] = await self._run(
+            "claim_deliveries", lambda conn: _claim_deliveries(conn, params, limit)
+        )
+        return claimed
+
+    async def complete_delivery(self, delivery: Delivery, *, now: float) -> bool:
+        params = {"id": delivery.id, "lease_token": delivery.lease_token, "now": now}
+
+        async def complete(conn: Conn) -> bool:
+            row = await (await conn.execute(sql.COMPLETE_DELIVERY, params)).fetchone()
+            if row is None:
+                return False
+            await conn.execute(sql.RESOLVE_DELIVERY_LETTERS, row)
+            return True
+
+        done: bool = await self._run("complete_delivery", complete)
+        return done
+
+    async def retry_delivery(
+        self, delivery: Delivery, *, retry_at: float, error: str, count_attempt: bool = True
+    ) -> bool:
+        params = {
+            "id": delivery.id,
+            "lease_token": delivery.lease_token,
+            "retry_at": retry_at,
+            "error": error,
+            "add_attempt": int(count_attempt),
+            "now": self._clock(),
+        }
+        return await self._changed("retry_delivery", sql.RETRY_DELIVERY, params)
+
+    async def release_delivery(self, delivery: Delivery) -> bool:
+        params = {"id": delivery.id, "lease_token": delivery.lease_token, "now": self._clock()}
+        return await self._changed("release_delivery", sql.RELEASE_DELIVERY, params)
+
+    async def dead_letter_delivery(
+        self, delivery: Delivery, *, reason: str, error: str, now: float
+    ) -> bool:
+        done: bool = await self._run(
+            "dead_letter_delivery",
+            lambda conn: _dead_letter_delivery(conn, delivery, reason, error, now),
+        )
+        return done
+
+    # --- dead letters -----------------------------------------------------------------------
+
+    async def list_dead_letters(
+        self, filt: DeadLetterFilter, *, limit: int = 50, after_id: int | None = None
+    ) -> DeadLetterPage:
+        page: DeadLetterPage = await self._run(
+            "list_dead_letters", lambda conn: _list_dead_letters(conn, filt, limit, after_id)
+        )
+        return page
+
+    async def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
+        params = {"id": _int8(dead_letter_id)}
+
+        async def get(conn: Conn) -> DeadLetter | None:
+            row = await (await conn.execute(sql.GET_DEAD_LETTER, params)).fetchone()
+            return None if row is None else _dead_letter(row)
+
+        letter: DeadLetter | None = await self._run("get_dead_letter", get)
+        return letter
+
+    async def replay_dead_letter(
+        self, dead_letter_id: int, *, mode: ReplayMode = "auto", now: float
+    ) -> bool:
+        params = {"id": _int8(dead_letter_id)}
+
+        async def replay(conn: Conn) -> bool:
+            row = await (await conn.execute(sql.LOCK_DEAD_LETTER, params)).fetchone()
+            if row is None:
+                return False
+            await _replay(conn, row, mode, now)
+            return True
+
+        done: bool = await self._run("replay_dead_letter", replay)
+        return done
+
+    async def replay_dead_letters(
+        self, filt: DeadLetterFilter, *, mode: ReplayMode = "auto", now: float, limit: int = 1000
+    ) -> int:
+        async def replay_many(conn: Conn) -> int:
+            params = {**_filter_params(filt), "limit": max(limit, 0)}
+            cursor = await conn.execute(sql.DEAD_LETTER_IDS, params)
+            ids = [row["id"] for row in await cursor.fetchall()]
+            replayed = 0
+            for letter_id in ids:
+                cursor = await conn.execute(sql.LOCK_DEAD_LETTER, {"id": letter_id})
+                row = await cursor.fetchone()
+                if row is not None:  # another replica replayed or purged it meanwhile
+                    await _replay(conn, row, mode, now)
+                    replayed += 1
+            return replayed
+
+        count: int = await self._run("replay_dead_letters", replay_many)
+        return count
+
+    async def purge_dead_letter(self, dead_letter_id: int) -> bool:
+        return await self._changed(
+            "purge_dead_letter", sql.DELETE_DEAD_LETTER, {"id": _int8(dead_letter_id)}
+        )
+
+    async def purge_dead_letters(self, filt: DeadLetterFilter) -> int:
+        params = _filter_params(filt)
+
+        async def purge(conn: Conn) -> int:
+            return (await conn.execute(sql.PURGE_DEAD_LETTERS, params)).rowcount
+
+        count: int = await self._run("purge_dead_letters", purge)
+        return count
+
+    # --- upkeep and observation -------------------------------------------------------------
+
+    async def prune(self, *, older_than: float) -> PruneResult:
+        steps = (
+            ("deliveries", sql.PRUNE_DELIVERIES),
+            ("notifications", sql.PRUNE_NOTIFICATIONS),
+            ("jobs", sql.PRUNE_JOBS),
+            ("snapshots", sql.PRUNE_SNAPSHOTS),
+        )
+        counts = dict.fromkeys((name for name, _ in steps), 0)
+        params = {"cutoff": older_than, "chunk": PRUNE_CHUNK}
+        for name, statement in steps:
+            while True:
+                deleted = await self._rowcount(f"prune_{name}", statement, params)
+                counts[name] += deleted
+                if deleted < PRUNE_CHUNK:
+                    break
+        return PruneResult(**counts)
+
+    async def stats(self, *, now: float) -> StoreStats:
+        stats: StoreStats = await self._run("stats", lambda conn: _stats(conn, now))
+        return stats
+
+    async def latest_snapshot_body(self, brand: str, order_id: int) -> bytes | None:
+        params = {"brand": brand, "order_id": _int8(order_id)}
+
+        async def latest(conn: Conn) -> bytes | None:
+            row = await (await conn.execute(sql.LATEST_SNAPSHOT_BODY, params)).fetchone()
+            return None if row is None else bytes(row["body"])
+
+        body: bytes | None = await self._run("latest_snapshot_body", latest)
+        return body
+
+    # --- reconciliation poller ---------------------------------------------------------------
+
+    async def get_poll_watermark(self, brand: str) -> float | None:
+        async def get(conn: Conn) -> float | None:
+            cursor = await conn.execute(sql.GET_POLL_WATERMARK, {"brand": brand})
+            row = await cursor.fetchone()
+            return None if row is None else float(row["updated_at"])
+
+        mark: float | None = await self._run("get_poll_watermark", get)
+        return mark
+
+    async def set_poll_watermark(self, brand: str, updated_at: float, *, now: float) -> float:
+        params = {"brand": brand, "updated_at": updated_at, "now": now}
+
+        async def advance(conn: Conn) -> float:
+            row = await (await conn.execute(sql.SET_POLL_WATERMARK, params)).fetchone()
+            assert row is not None  # INSERT ... RETURNING always returns the row
+            return float(row["updated_at"])
+
+        mark: float = await self._run("set_poll_watermark", advance)
+        return mark
+
+    async def known_updated_at(
+        self, brand: str, order_ids: Sequence[int]
+    ) -> dict[int, float | None]:
+        if not order_ids:
+            return {}
+        known: dict[int, float | None] = dict.fromkeys(_int8(int(i)) for i in order_ids)
+        params = {"brand": brand, "ids": list(known)}
+
+        async def read(conn: Conn) -> dict[int, float | None]:
+            for row in await (await conn.execute(sql.KNOWN_UPDATED_AT, params)).fetchall():
+                known[row["order_id"]] = row["last_updated_at"]
+            return known
+
+        result: dict[int, float | None] = await self._run("known_updated_at", read)
+        return result
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    async def _rowcount(self, name: str, statement: str, params: dict[str, Any]) -> int:
+        async def execute(conn: Conn) -> int:
+            return (await conn.execute(statement, params)).rowcount
+
+        count: int = await self._run(name, execute)
+        return count
+
+    async def _changed(self, name: str, statement: str, params: dict[str, Any]) -> bool:
+        """A single-row, lease-checked UPDATE/DELETE: did it change the row?"""
+        return await self._rowcount(name, statement, params) == 1
+
+
+# --- operations (each inside one transaction) -------------------------------------------
+
+
+async def _fetchone(conn: Conn, statement: str, params: dict[str, Any]) -> DictRow | None:
+    return await (await conn.execute(statement, params)).fetchone()
+
+
+async def _enqueue(conn: Conn, notice: Notification) -> EnqueueResult:
+    order = {"brand": notice.brand, "order_id": _int8(notice.order_id)}
+    inserted = await _fetchone(
+        conn,
+        sql.INSERT_JOB,
+        {
+            **order,
+            "venue_id": notice.venue_id,
+            "force_generation": 1 if notice.force else 0,
+            "now": notice.received_at,
+        },
+    )
+    if inserted is not None:
+        job_id, coalesced = inserted["id"], False
+    else:
+        # The job's row lock serializes this order's notices (and their dedup check).
+        job = await _fetchone(conn, sql.LOCK_JOB_BY_ORDER, order)
+        if job is None:  # pragma: no cover - the conflicting row cannot vanish while locked
+            raise StoreError("enqueue: the order's job vanished")
+        if notice.dedup_key is not None:
+            dup = await _fetchone(
+                conn, sql.FIND_DUPLICATE, {**order, "dedup_key": notice.dedup_key}
+            )
+            if dup is not None:
+                return EnqueueResult(
+                    notification_id=None,
+                    job_id=dup["job_id"],
+                    duplicate=True,
+                    previous_signed_at=dup["signed_at"],
+                )
+        job_id, coalesced = job["id"], await _notice_job(conn, job, notice)
+    row = await _fetchone(
+        conn,
+        sql.INSERT_NOTIFICATION,
+        {
+            **order,
+            "job_id": job_id,
+            "venue_id": notice.venue_id,
+            "dedup_key": notice.dedup_key,
+            "signed_at": notice.signed_at,
+            "source": notice.source,
+            "force": notice.force,
+            "received_at": notice.received_at,
+        },
+    )
+    assert row is not None
+    return EnqueueResult(notification_id=row["id"], job_id=job_id, coalesced=coalesced)
+
+
+async def _notice_job(conn: Conn, job: DictRow, notice: Notification) -> bool:
+    """Fold a notice into an existing job (the same rule as SQLite's)."""
+    now = notice.received_at
+    generation = job["generation"] + 1
+    status: str = job["status"]
+    attempts, not_found = job["attempts"], job["not_found_attempts"]
+    retry_at, last_error = job["retry_at"], job["last_error"]
+    since = job["pending_since"]
+    pending_since = now if since is None else min(since, now)
+    coalesced = status in ("pending", "running")
+    if status == "pending":
+        if notice.source in OPERATOR_SOURCES:
+            attempts = not_found = 0
+            retry_at = min(retry_at, now)
+        elif attempts == 0:
+            retry_at = min(retry_at, now)
+    elif status in ("done", "dead"):
+        status, attempts, not_found, retry_at, last_error = "pending", 0, 0, now, None
+    await conn.execute(
+        sql.UPDATE_JOB_ON_NOTICE,
+        {
+            "id": job["id"],
+            "status": status,
+            "venue_id": notice.venue_id if notice.venue_id is not None else job["venue_id"],
+            "generation": generation,
+            "force_generation": generation if notice.force else job["force_generation"],
+            "attempts": attempts,
+            "not_found_attempts": not_found,
+            "retry_at": retry_at,
+            "pending_since": pending_since,
+            "last_error": last_error,
+            "now": now,
+        },
+    )
+    return coalesced
+
+
+async def _claim_hydrations(conn: Conn, params: dict[str, Any]) -> list[HydrationJob]:
+    picked = [row["id"] for row in await (await conn.execute(sql.PICK_JOBS, params)).fetchall()]
+    if not picked:
+        return []
+    rows = await (await conn.execute(sql.CLAIM_JOBS, {**params, "ids": picked})).fetchall()
+    rows.sort(key=lambda row: (row["retry_at"], row["id"]))
+    covered: dict[int, list[int]] = {row["id"]: [] for row in rows}
+    id_rows = await conn.execute(
+        sql.CLAIMED_NOTIFICATION_IDS,
+        {
+            "ids": [row["id"] for row in rows],
+            "max_ids": [row["claimed_notification_id"] for row in rows],
+            "limit": MAX_NOTIFICATION_IDS,
+        },
+    )
+    for id_row in await id_rows.fetchall():
+        covered[id_row["job_id"]].append(id_row["id"])
+    return [_hydration_job(row, covered[row["id"]]) for row in rows]
+
+
+def _hydration_job(row: DictRow, notification_ids: list[int]) -> HydrationJob:
+    first_received_at = row["pending_since"]
+    if first_received_at is None:
+        first_received_at = row["uncovered_since"] or row["created_at"]
+    return HydrationJob(
+        id=row["id"],
+        brand=row["brand"],
+        order_id=row["order_id"],
+        venue_id=row["venue_id"],
+        attempts=row["attempts"],
+        not_found_attempts=row["not_found_attempts"],
+        generation=row["claimed_generation"],
+        lease_token=row["lease_token"],
+        force=row["force_generation"] > 0,
+        notification_ids=tuple(notification_ids),
+        first_received_at=first_received_at,
+        created_at=row["created_at"],
+    )
+
+
+async def _complete_hydration(
+    conn: Conn, job: HydrationJob, snapshot: NewSnapshot, sinks: list[str], now: float
+) -> CompleteResult:
+    row = await _fetchone(conn, sql.LOCK_LEASED_JOB, {"id": job.id, "lease_token": job.lease_token})
+    if row is None:
+        return CompleteResult("lost_lease")
+    order = {"brand": row["brand"], "order_id": row["order_id"]}
+    latest = await _fetchone(conn, sql.LATEST_SNAPSHOT_META, order)
+    last_version, last_key, last_updated = (
+        row["last_version"],
+        row["last_snapshot_key"],
+        row["last_updated_at"],
+    )
+    outcome: HydrationOutcome
+    deliveries = 0
+    snapshot_id: int | None = latest["id"] if latest else None
+    version: int | None = latest["version"] if latest else None
+    if snapshot.key == last_key and not job.force:
+        outcome = "unchanged"
+    elif (
+        snapshot.order_updated_at is not None
+        and last_updated is not None
+        and snapshot.order_updated_at < last_updated
+    ):
+        outcome = "stale"
+    else:
+        outcome = "stored"
+        last_version = max(last_version, latest["version"] if latest else 0) + 1
+        last_key = snapshot.key
+        if snapshot.order_updated_at is not None:
+            last_updated = snapshot.order_updated_at
+        inserted = await _fetchone(
+            conn,
+            sql.INSERT_SNAPSHOT,
+            {
+                **order,
+                "key": snapshot.key,
+                "version": last_version,
+                "body": snapshot.body,
+                "order_updated_at": snapshot.order_updated_at,
+                "hydrated_at": snapshot.hydrated_at,
+            },
+        )
+        assert inserted is not None
+        snapshot_id = inserted["id"]
+        version = last_version
+        for sink in dict.fromkeys(sinks):  # a sink listed twice still gets one delivery
+            params = {**order, "sink": sink, "version": last_version, "now": now}
+            await conn.execute(sql.SUPERSEDE_OLDER_PENDING, params)
+            await conn.execute(
+                sql.INSERT_DELIVERY,
+                {**params, "snapshot_id": snapshot_id, "first_received_at": job.first_received_at},
+            )
+            deliveries += 1
+    await conn.execute(sql.RESOLVE_HYDRATION_LETTERS, order)
+    if snapshot_id is not None:
+        await conn.execute(
+            sql.COVER_NOTIFICATIONS,
+            {
+                "snapshot_id": snapshot_id,
+                "job_id": job.id,
+                "max_id": row["claimed_notification_id"],
+            },
+        )
+    requeued = row["generation"] > row["claimed_generation"]
+    oldest = await _fetchone(conn, sql.OLDEST_UNCOVERED, {"job_id": job.id})
+    await conn.execute(
+        sql.FINISH_JOB,
+        {
+            "id": job.id,
+            "status": "pending" if requeued else "done",
+            "retry_at": now if requeued else row["retry_at"],
+            "pending_since": oldest["oldest"] if requeued and oldest else None,
+            "last_version": last_version,
+            "last_snapshot_key": last_key,
+            "last_updated_at": last_updated,
+            "now": now,
+        },
+    )
+    return CompleteResult(
+        outcome, snapshot_id=snapshot_id, version=version, deliveries=deliveries, requeued=requeued
+    )
+
+
+async def _dead_letter_hydration(
+    conn: Conn, job: HydrationJob, reason: str, error: str, now: float
+) -> bool:
+    lease = {"id": job.id, "lease_token": job.lease_token}
+    row = await _fetchone(conn, sql.LOCK_LEASED_JOB, lease)
+    if row is None:
+        return False
+    requeue = row["generation"] > row["claimed_generation"]
+    pending_since: float | None = None
+    if requeue:
+        oldest = await _fetchone(
+            conn,
+            sql.OLDEST_AFTER_CLAIM,
+            {"job_id": job.id, "after_id": row["claimed_notification_id"]},
+        )
+        pending_since = now if oldest is None or oldest["oldest"] is None else oldest["oldest"]
+    await conn.execute(
+        sql.END_JOB_FAILED,
+        {
+            **lease,
+            "status": "pending" if requeue else "dead",
+            "retry_at": now if requeue else row["retry_at"],
+            "pending_since": pending_since,
+            "error": error,
+            "now": now,
+        },
+    )
+    await _insert_dead_letter(
+        conn,
+        kind="hydration",
+        brand=job.brand,
+        order_id=job.order_id,
+        sink=None,
+        reason=reason,
+        error=error,
+        attempts=row["attempts"] + row["not_found_attempts"] + 1,
+        now=now,
+        job_id=job.id,
+    )
+    return True
+
+
+async def _claim_deliveries(conn: Conn, params: dict[str, Any], limit: int) -> list[Delivery]:
+    """Hand out due deliveries of one sink, one per order, superseding overtaken ones.
+
+    Candidates come oldest first and locked (SKIP LOCKED); for each, the (sink, order)
+    advisory lock decides which claimer may look at that order now. Rounds go on until
+    ``limit`` are claimed or no candidate is left.
+    """
+    claimed: list[Delivery] = []
+    seen: list[int] = []
+    orders: set[tuple[str, int]] = set()
+    while len(claimed) < limit:
+        cursor = await conn.execute(
+            sql.PICK_DELIVERIES, {**params, "seen": seen, "limit": limit - len(claimed)}
+        )
+        rows = await cursor.fetchall()
+        if not rows:
+            break
+        for row in rows:
+            seen.append(row["id"])
+            order = (row["brand"], row["order_id"])
+            if order in orders:
+                continue  # one per order per claim
+            delivery = await _claim_delivery(conn, params, row)
+            if delivery is not None:
+                orders.add(order)
+                claimed.append(delivery)
+    return claimed
+
+
+async def _claim_delivery(conn: Conn, params: dict[str, Any], row: DictRow) -> Delivery | None:
+    order = {
+        "sink": params["sink"],
+        "brand": row["brand"],
+        "order_id": row["order_id"],
+        "lease_now": params["lease_now"],
+        "now": params["now"],
+    }
+    locked = await _fetchone(conn, sql.LOCK_SINK_ORDER, order)
+    if locked is None or not locked["locked"]:
+        return None  # another claimer is deciding about this order right now
+    siblings = await (
+        await conn.execute(sql.RUNNING_SIBLING, {**order, "id": row["id"]})
+    ).fetchall()
+    if any(not sibling["expired"] for sibling in siblings):
+        return None  # a version of this order is in flight
+    overtaken = await _fetchone(conn, sql.NEWER_DONE_DELIVERY, {**order, "version": row["version"]})
+    if overtaken is not None:
+        await conn.execute(sql.SUPERSEDE_DELIVERY, {"id": row["id"], "now": params["now"]})
+        return None
+    if siblings:
+        await conn.execute(
+            sql.VOID_EXPIRED_SIBLING, {"ids": [s["id"] for s in siblings], "now": params["now"]}
+        )
+    claim = await _fetchone(conn, sql.CLAIM_DELIVERY, {**params, "id": row["id"]})
+    if claim is None:
+        return None
+    return Delivery(
+        id=claim["id"],
+        sink=claim["sink"],
+        snapshot_id=claim["snapshot_id"],
+        snapshot_key=claim["snapshot_key"],
+        brand=claim["brand"],
+        order_id=claim["order_id"],
+        version=claim["version"],
+        body=bytes(claim["body"]),
+        attempts=claim["attempts"],
+        lease_token=claim["lease_token"],
+        created_at=claim["created_at"],
+        first_received_at=claim["first_received_at"],
+    )
+
+
+async def _dead_letter_delivery(
+    conn: Conn, delivery: Delivery, reason: str, error: str, now: float
+) -> bool:
+    row = await _fetchone(
+        conn,
+        sql.DEAD_DELIVERY,
+        {"id": delivery.id, "lease_token": delivery.lease_token, "error": error, "now": now},
+    )
+    if row is None:
+        return False
+    await _insert_dead_letter(
+        conn,
+        kind="delivery",
+        brand=delivery.brand,
+        order_id=delivery.order_id,
+        sink=delivery.sink,
+        reason=reason,
+        error=error,
+        attempts=row["attempts"] + 1,
+        now=now,
+        delivery_id=delivery.id,
+        snapshot_key=delivery.snapshot_key,
+    )
+    return True
+
+
+async def _insert_dead_letter(
+    conn: Conn,
+    *,
+    kind: DeadLetterKind,
+    brand: str,
+    order_id: int,
+    sink: str | None,
+    reason: str,
+    error: str,
+    attempts: int,
+    now: float,
+    job_id: int | None = None,
+    delivery_id: int | None = None,
+    snapshot_key: str | None = None,
+) -> None:
+    await conn.execute(
+        sql.INSERT_DEAD_LETTER,
+        {
+            "kind": kind,
+            "brand": brand,
+            "order_id": order_id,
+            "sink": sink,
+            "reason": reason,
+            "last_error": error,
+            "attempts": attempts,
+            "created_at": now,
+            "job_id": job_id,
+            "delivery_id": delivery_id,
+            "snapshot_key": snapshot_key,
+        },
+    )
+
+
+def _filter_params(filt: DeadLetterFilter) -> dict[str, Any]:
+    return {"brand": filt.brand, "sink": filt.sink, "reason": filt.reason, "kind": filt.kind}
+
+
+def _dead_letter(row: DictRow) -> DeadLetter:
+    return DeadLetter(
+        id=row["id"],
+        kind=row["kind"],
+        brand=row["brand"],
+        order_id=row["order_id"],
+        sink=row["sink"],
+        reason=row["reason"],
+        last_error=row["last_error"],
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        job_id=row["job_id"],
+        delivery_id=row["delivery_id"],
+        snapshot_key=row["snapshot_key"],
+    )
+
+
+async def _list_dead_letters(
+    conn: Conn, filt: DeadLetterFilter, limit: int, after_id: int | None
+) -> DeadLetterPage:
+    params = _filter_params(filt)
+    total_row = await _fetchone(conn, sql.COUNT_DEAD_LETTERS, params)
+    total = int(total_row["n"]) if total_row else 0
+    limit = max(limit, 0)
+    rows = await (
+        await conn.execute(
+            sql.LIST_DEAD_LETTERS,
+            {**params, "after_id": _int8(after_id or 0), "limit": limit + 1},
+        )
+    ).fetchall()
+    items = [_dead_letter(row) for row in rows[:limit]]
+    more = len(rows) > limit and bool(items)
+    return DeadLetterPage(items=items, total=total, next_cursor=items[-1].id if more else None)
+
+
+async def _replay(conn: Conn, letter: DictRow, mode: ReplayMode, now: float) -> None:
+    """Re-queue what a (locked) dead letter describes, then remove the letter."""
+    redelivered = False
+    if letter["kind"] == "delivery" and mode in ("auto", "deliver"):
+        delivery_id = letter["delivery_id"]
+        if await _fetchone(conn, sql.DELIVERY_EXISTS, {"id": delivery_id}) is not None:
+            await conn.execute(sql.REPLAY_DELIVERY, {"id": delivery_id, "now": now})
+            redelivered = True
+    if not redelivered:
+        order = {"brand": letter["brand"], "order_id": letter["order_id"]}
+        job = await _fetchone(conn, sql.GET_JOB_BY_ORDER, order)
+        notice = Notification(
+            brand=letter["brand"],
+            order_id=letter["order_id"],
+            received_at=now,
+            venue_id=job["venue_id"] if job is not None else None,
+            source="replay",
+            force=True,
+        )
+        await _enqueue(conn, notice)
+    await conn.execute(sql.DELETE_DEAD_LETTER, {"id": letter["id"]})
+
+
+async def _stats(conn: Conn, now: float) -> StoreStats:
+    def age(oldest: float | None) -> float | None:
+        return None if oldest is None else max(0.0, now - oldest)
+
+    pending = await _fetchone(conn, sql.PENDING_JOB_STATS, {"now": now})
+    running = await _fetchone(conn, sql.RUNNING_JOB_STATS, {})
+    # Aggregates always return a row.
+    assert pending is not None
+    assert running is not None
+    oldest_jobs = [v for v in (pending["oldest"], running["oldest"]) if v is not None]
+    hydration = QueueStats(
+        pending=pending["n"],
+        running=running["n"],
+        oldest_pending_age=age(min(oldest_jobs) if oldest_jobs else None),
+    )
+    per_sink: dict[str, dict[str, Any]] = {}
+    for status, statement in (
+        ("pending", sql.PENDING_DELIVERY_STATS),
+        ("running", sql.RUNNING_DELIVERY_STATS),
+    ):
+        for row in await (await conn.execute(statement, {"now": now})).fetchall():
+            entry = per_sink.setdefault(row["sink"], {"pending": 0, "running": 0, "oldest": []})
+            entry[status] = row["n"]
+            if row["oldest"] is not None:
+                entry["oldest"].append(row["oldest"])
+    deliveries = {
+        sink: QueueStats(
+            pending=entry["pending"],
+            running=entry["running"],
+            oldest_pending_age=age(min(entry["oldest"], default=None)),
+        )
+        for sink, entry in per_sink.items()
+    }
+    dead_letters = {
+        (row["kind"], row["reason"], row["sink"]): row["n"]
+        for row in await (await conn.execute(sql.DEAD_LETTER_STATS)).fetchall()
+    }
+    return StoreStats(hydration=hydration, deliveries=deliveries, dead_letters=dead_letters)
