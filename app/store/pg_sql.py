@@ -401,8 +401,8 @@ ON CONFLICT (brand) DO UPDATE SET
     set_at = excluded.set_at
 RETURNING updated_at
 """
-KNOWN_UPDATED_AT = """
-SELECT order_id, last_updated_at FROM hydration_jobs
+KNOWN_STATES = """
+SELECT order_id, last_snapshot_key, last_updated_at FROM hydration_jobs
 WHERE brand = %(brand)s AND order_id = ANY(%(ids)s::bigint[])
 """
 

@@ -39,6 +39,7 @@ from app.store.base import (
     EnqueueResult,
     HydrationJob,
     HydrationOutcome,
+    KnownState,
     NewSnapshot,
     Notification,
     PruneResult,
@@ -400,20 +401,20 @@ class PostgresStore:
         mark: float = await self._run("set_poll_watermark", advance)
         return mark
 
-    async def known_updated_at(
-        self, brand: str, order_ids: Sequence[int]
-    ) -> dict[int, float | None]:
+    async def known_states(self, brand: str, order_ids: Sequence[int]) -> dict[int, KnownState]:
         if not order_ids:
             return {}
-        known: dict[int, float | None] = dict.fromkeys(_int8(int(i)) for i in order_ids)
+        known = dict.fromkeys((_int8(int(i)) for i in order_ids), KnownState())
         params = {"brand": brand, "ids": list(known)}
 
-        async def read(conn: Conn) -> dict[int, float | None]:
-            for row in await (await conn.execute(sql.KNOWN_UPDATED_AT, params)).fetchall():
-                known[row["order_id"]] = row["last_updated_at"]
+        async def read(conn: Conn) -> dict[int, KnownState]:
+            for row in await (await conn.execute(sql.KNOWN_STATES, params)).fetchall():
+                known[row["order_id"]] = KnownState(
+                    row["last_snapshot_key"], row["last_updated_at"]
+                )
             return known
 
-        result: dict[int, float | None] = await self._run("known_updated_at", read)
+        result: dict[int, KnownState] = await self._run("known_states", read)
         return result
 
     # --- helpers ------------------------------------------------------------------------------
