@@ -12,7 +12,6 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-import uvicorn
 import uvloop
 
 from app import cli_ops
@@ -63,6 +62,7 @@ def _hold_database(config: Config) -> DatabaseLock | None:
 
 
 async def _serve(config: Config, host: str, port: int, mount: Callable[[Any], None] | None) -> int:
+    from app.http_server import build_server
     from app.runtime import Runtime
     from app.service import create_app
 
@@ -70,18 +70,7 @@ async def _serve(config: Config, host: str, port: int, mount: Callable[[Any], No
     app = create_app(config, runtime=runtime)
     if mount is not None:
         mount(app)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_config=None,  # our logging, configured already
-            access_log=False,  # our access line has the request id
-            # Connections get a few seconds; the runtime has its own grace after that.
-            timeout_graceful_shutdown=5,
-            proxy_headers=True,
-        )
-    )
+    server = build_server(app, host=host, port=port, settings=config.settings)
     exit_code = 0
 
     def fatal(reason: str) -> None:

@@ -141,6 +141,14 @@ class Settings(BaseSettings):
         default_factory=lambda: list(DEFAULT_ORDER_ID_PATHS)
     )
 
+    # --- HTTP listener (app/http_server.py) ---
+    # Request line plus headers; larger is a 431 (h11's default cap is 16 KiB too).
+    http_max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    # A request (head and body) must be fully received within this, else 408 and closed.
+    http_request_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # Open connections; one more is answered 503 and closed.
+    http_max_connections: int = Field(default=1000, ge=1, le=100_000)
+
     # --- Store ---
     database_url: str = "sqlite:///./data/hydrator.db"
     retention_hours: float = Field(default=168.0, gt=0)
