@@ -74,7 +74,8 @@ class Runtime:
             timeout=settings.clopos_timeout_seconds,
             max_connections=settings.clopos_max_connections,
         )
-        self.budget = LocalRateBudget(settings.clopos_rate_limit_per_minute)
+        # The store keeps the spend, so a restarted process knows what its last minute cost.
+        self.budget = LocalRateBudget(settings.clopos_rate_limit_per_minute, ledger=self.store)
         self.clients: dict[str, CloposClient] = {
             name: CloposClient(
                 brand,
@@ -290,6 +291,7 @@ class Runtime:
     async def start(self) -> None:
         REDACTOR.add(*self.config.secret_values())
         await self.store.open()
+        await self.budget.restore()  # before the first call to Clopos
         self._spawn("hydration", self.hydration_loop.run())
         for name, loop in self.delivery_loops.items():
             self._spawn(f"delivery:{name}", loop.run())

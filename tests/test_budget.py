@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from app.clopos.budget import BudgetState, LocalRateBudget, RateBudget, retry_after_seconds
+from app.store.sqlite import SqliteStore
 
 T = "integrator:brand"
 
@@ -187,3 +190,92 @@ def test_retry_after_is_the_largest_hint_and_at_least_one_second() -> None:
 def test_rejects_a_nonsense_limit() -> None:
     with pytest.raises(ValueError, match="per_minute"):
         LocalRateBudget(0)
+
+
+# --- across a restart: the spend kept in the store (a real SQLite file) ---------------------
+
+EPOCH = 1_700_000_000.0
+
+
+class Process:
+    """One process's budget on a shared ledger: its own monotonic clock (starting anywhere)
+    and a wall clock that carries on across processes, as the real ones do."""
+
+    def __init__(self, store: SqliteStore, per_minute: int, *, wall_at_start: float) -> None:
+        self.time = FakeTime(start=500.0)  # a monotonic clock: its origin means nothing
+        origin = self.time.now
+        self.wall = lambda: wall_at_start + (self.time.now - origin)
+        self.budget = LocalRateBudget(
+            per_minute, clock=self.time, sleep=self.time.sleep, ledger=store, wall_clock=self.wall
+        )
+
+    async def grants(self, n: int) -> list[float]:
+        """Acquire ``n`` times; the wall-clock time of each grant."""
+        times = []
+        for _ in range(n):
+            await self.budget.acquire(T)
+            times.append(self.wall())
+        return times
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(tmp_path / "store.db")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("restore", [True, False])
+async def test_a_restarted_process_carries_on_where_the_dead_one_stopped(
+    ledger: SqliteStore, restore: bool
+) -> None:
+    """Without restore (the control), the new process spends a full minute's budget on
+    top of the old one's: more than the limit in one window, which Clopos answers 429."""
+    old = Process(ledger, 10, wall_at_start=EPOCH)
+    old_times = await old.grants(12)  # the window is full when it dies
+    new = Process(ledger, 10, wall_at_start=old.wall() + 1.0)  # restarted a second later
+    if restore:
+        await new.budget.restore()
+    new_times = await new.grants(10)
+    worst = max_in_any_window(old_times + new_times)
+    if restore:
+        assert worst == 10
+        assert new_times[0] > old_times[-1] + 1.0, "the first call waited for room"
+        assert new.budget.state()[T].calls_last_minute == 10
+    else:
+        assert worst > 10
+
+
+async def test_a_lower_limit_clopos_announced_survives_a_restart(ledger: SqliteStore) -> None:
+    old = Process(ledger, 300, wall_at_start=EPOCH)
+    await old.grants(1)
+    old.budget.observe(
+        T,
+        status=200,
+        headers={"RateLimit-Limit": "60", "RateLimit-Remaining": "59", "RateLimit-Reset": "60"},
+    )
+    await old.grants(1)
+    new = Process(ledger, 300, wall_at_start=old.wall() + 1.0)
+    await new.budget.restore()
+    assert new.budget.state()[T].limit == 60
+    assert new.budget.state()[T].calls_last_minute == 2
+
+
+async def test_every_grant_is_in_the_ledger_when_acquire_returns(ledger: SqliteStore) -> None:
+    process = Process(ledger, 300, wall_at_start=EPOCH)
+    for count in range(1, 4):
+        await process.budget.acquire(T)
+        (spend,) = (await ledger.budget_spend_since(0)).values()
+        assert len(spend.times) == count
+    assert spend.limit == 300
+
+
+async def test_spend_older_than_the_window_is_not_restored(ledger: SqliteStore) -> None:
+    old = Process(ledger, 300, wall_at_start=EPOCH)
+    await old.grants(5)
+    new = Process(ledger, 300, wall_at_start=old.wall() + 61.0)
+    await new.budget.restore()
+    assert new.budget.state() == {}

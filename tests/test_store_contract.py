@@ -22,6 +22,7 @@ from app.store.base import (
     PruneResult,
     QueueStats,
     Store,
+    TenantSpend,
 )
 
 T0 = 1_700_000_000.0
@@ -886,3 +887,31 @@ async def test_poll_notices_of_one_state_are_duplicates(store: Store) -> None:
     assert newer.coalesced  # the job still waits: one fetch covers both states
     job = await claim_one(store, now=T0 + 60)
     assert len(job.notification_ids) == 2
+
+
+# --- the Clopos rate budget's spend --------------------------------------------------------
+
+
+async def test_budget_spend_is_read_back_per_tenant_oldest_first(store: Store) -> None:
+    assert await store.budget_spend_since(0) == {}
+    await store.record_budget_spend("i:a", at=T0 + 1, limit=300)
+    await store.record_budget_spend("i:b", at=T0 + 2, limit=300)
+    await store.record_budget_spend("i:a", at=T0 + 3, limit=60)  # Clopos said 60 meanwhile
+    spent = await store.budget_spend_since(T0)
+    assert spent == {
+        "i:a": TenantSpend(times=(T0 + 1, T0 + 3), limit=60),
+        "i:b": TenantSpend(times=(T0 + 2,), limit=300),
+    }
+    later = await store.budget_spend_since(T0 + 1)
+    assert later == {
+        "i:a": TenantSpend(times=(T0 + 3,), limit=60),
+        "i:b": TenantSpend(times=(T0 + 2,), limit=300),
+    }, "only calls after `since`"
+
+
+async def test_budget_spend_older_than_two_minutes_is_forgotten(store: Store) -> None:
+    await store.record_budget_spend("i:a", at=T0, limit=300)
+    await store.record_budget_spend("i:a", at=T0 + 100, limit=300)
+    assert (await store.budget_spend_since(0))["i:a"].times == (T0, T0 + 100)
+    await store.record_budget_spend("i:a", at=T0 + 121, limit=300)
+    assert (await store.budget_spend_since(0))["i:a"].times == (T0 + 100, T0 + 121)

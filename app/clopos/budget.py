@@ -18,6 +18,16 @@ The local policy, per tenant, combines four rules; a call waits for the latest o
    this is what slows us down when someone else shares the tenant.
 4. **Hold after a 429**: the whole tenant waits until ``now + max(Reset, Retry-After, 1)``.
 
+**Across restarts**: Clopos counts the last minute whichever process made the calls, so a
+process that started with a full budget right after a kill -9 sent into its predecessor's
+full window and got 429s. With a :class:`SpendLedger` (the store), every grant is recorded
+durably *before* the call goes out, with the limit then in force, and :meth:`restore` loads
+the last minute of spend when the process starts: the hard cap, the spacing and a lower
+limit announced by Clopos carry on where the dead process left them.
+
+A budget shared by several processes at once (PostgreSQL replicas) implements the same
+:class:`RateBudget` port over one database row per tenant; its ``restore`` has nothing to do.
+
 Waiters are served first come, first served (one ``asyncio.Lock`` per tenant, which queues
 FIFO). Time and sleeping are injected, so the policy is tested with a fake clock and
 without real waiting.
@@ -33,6 +43,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from app.logs import get_logger
+from app.store.base import TenantSpend
+
+log = get_logger("app.clopos.budget")
 WINDOW_SECONDS = 60.0
 # Longest single sleep: a waiter re-checks at least this often, so a fresher server
 # observation (more remaining after a reset) can let it go earlier than first computed.
@@ -67,6 +81,17 @@ class RateBudget(Protocol):
 
     def state(self) -> dict[str, BudgetState]:
         """The current state of every tenant seen so far."""
+
+    async def restore(self) -> None:
+        """Before the first call: take over what earlier processes spent."""
+
+
+class SpendLedger(Protocol):
+    """Where a budget keeps its spend for the next process (the store satisfies it)."""
+
+    async def record_budget_spend(self, tenant: str, *, at: float, limit: int) -> None: ...
+
+    async def budget_spend_since(self, since: float) -> dict[str, TenantSpend]: ...
 
 
 def _header_number(headers: Mapping[str, str], name: str) -> float | None:
@@ -126,7 +151,8 @@ class _Tenant:
 
 
 class LocalRateBudget:
-    """In-memory, per-process :class:`RateBudget` (see the module docstring for the policy)."""
+    """Per-process :class:`RateBudget`, kept in memory and, given a ledger, in the store for
+    the next process (see the module docstring for the policy)."""
 
     def __init__(
         self,
@@ -137,7 +163,11 @@ class LocalRateBudget:
         burst: int | None = None,
         reserve_fraction: float = 0.02,
         window_margin: float = 0.5,
+        ledger: SpendLedger | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock`` times the policy; ``wall_clock`` (epoch seconds) stamps what the
+        ``ledger`` keeps, because the next process's monotonic clock starts elsewhere."""
         if per_minute < 1:
             raise ValueError("per_minute must be at least 1")
         self.per_minute = per_minute
@@ -148,6 +178,8 @@ class LocalRateBudget:
         self._reserve_fraction = reserve_fraction
         self._window_margin = window_margin
         self._tenants: dict[str, _Tenant] = {}
+        self._ledger = ledger
+        self._wall_clock = wall_clock
 
     def _tenant(self, tenant: str) -> _Tenant:
         state = self._tenants.get(tenant)
@@ -210,8 +242,36 @@ class LocalRateBudget:
                 delay = self.wait_seconds(tenant)
                 if delay <= 0:
                     self._grant(state, self._clock())
-                    return
+                    break
                 await self._sleep(min(delay, _MAX_SLEEP_SECONDS))
+        if self._ledger is not None:
+            # Committed before the call goes out: a kill -9 right after sending must not
+            # hide it from the next process. Outside the lock, so that the grants of
+            # concurrent callers share one commit. If the write fails, the grant stays
+            # counted here and the call is not made (the caller sees the StoreError).
+            await self._ledger.record_budget_spend(
+                tenant, at=self._wall_clock(), limit=self._limit(state)
+            )
+
+    async def restore(self) -> None:
+        """Load the last minute of spend from the ledger, as grants on this clock."""
+        if self._ledger is None:
+            return
+        wall_now, now = self._wall_clock(), self._clock()
+        since = wall_now - WINDOW_SECONDS - self._window_margin
+        for tenant, spend in (await self._ledger.budget_spend_since(since)).items():
+            state = self._tenant(tenant)
+            if 0 < spend.limit < self.per_minute:
+                state.server_limit = spend.limit  # Clopos had announced a lower limit
+            for at in spend.times:
+                self._grant(state, now - max(0.0, wall_now - at))
+            state.granted_since_observation = 0
+            log.info(
+                "budget.restored",
+                tenant=tenant,
+                calls_last_minute=len(spend.times),
+                limit=self._limit(state),
+            )
 
     def observe(self, tenant: str, *, status: int, headers: Mapping[str, str]) -> None:
         state = self._tenant(tenant)

@@ -205,6 +205,15 @@ class KnownState:
 
 
 @dataclass(frozen=True)
+class TenantSpend:
+    """What one tenant's Clopos budget spent recently: the times its calls were granted
+    (epoch seconds, oldest first) and the per-minute limit in force at the newest."""
+
+    times: tuple[float, ...]
+    limit: int
+
+
+@dataclass(frozen=True)
 class PruneResult:
     jobs: int
     notifications: int
@@ -364,3 +373,13 @@ class Store(Protocol):
         """For each order id: the id and Clopos ``updated_at`` of its newest stored state
         (both None when the order has no job; ``updated_at`` None when its snapshot had
         no usable one)."""
+
+    # --- the Clopos rate budget (what a restarted process must know it spent) ---
+
+    async def record_budget_spend(self, tenant: str, *, at: float, limit: int) -> None:
+        """Record one call granted to ``tenant`` at ``at`` (epoch seconds) with the
+        per-minute ``limit`` then in force; committed when this returns, which is before
+        the call goes out, so a process killed right after sending cannot hide it."""
+
+    async def budget_spend_since(self, since: float) -> dict[str, TenantSpend]:
+        """Per tenant, the calls recorded after ``since``."""

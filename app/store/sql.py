@@ -438,3 +438,13 @@ SELECT body FROM snapshots WHERE brand = :brand AND order_id = :order_id
 ORDER BY version DESC LIMIT 1
 """
 HEARTBEAT = "UPDATE heartbeat SET beats = beats + 1, beat_at = :now WHERE id = 1"
+
+# --- the Clopos rate budget -------------------------------------------------------------
+
+RECORD_BUDGET_SPEND = """
+INSERT INTO budget_spend (tenant, at, limit_per_minute) VALUES (:tenant, :at, :limit)
+"""
+FORGET_BUDGET_SPEND = "DELETE FROM budget_spend WHERE at < :before"
+BUDGET_SPEND_SINCE = """
+SELECT tenant, at, limit_per_minute FROM budget_spend WHERE at > :since ORDER BY at, id
+"""

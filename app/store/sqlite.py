@@ -52,6 +52,7 @@ from app.store.base import (
     QueueStats,
     ReplayMode,
     StoreStats,
+    TenantSpend,
 )
 from app.store.lock import DatabaseLock
 from app.store.sqlite_writer import GroupCommitWriter
@@ -65,6 +66,8 @@ Conn = sqlite3.Connection
 MAX_NOTIFICATION_IDS = 1000
 # Rows one prune statement deletes at most, so one prune never holds the writer long.
 PRUNE_CHUNK = 2000
+# Budget spend is read back for one minute (Clopos's window); two are kept.
+BUDGET_SPEND_KEEP_SECONDS = 120.0
 # Notices an operator sent ("hydrate now", a replay): due at once even in a backoff.
 OPERATOR_SOURCES = ("admin", "replay")
 
@@ -361,6 +364,31 @@ class SqliteStore:
             return float(conn.execute(sql.SET_POLL_WATERMARK, params).fetchone()["updated_at"])
 
         return await self.run("set_poll_watermark", advance)
+
+    async def record_budget_spend(self, tenant: str, *, at: float, limit: int) -> None:
+        params = {
+            "tenant": tenant,
+            "at": at,
+            "limit": limit,
+            "before": at - BUDGET_SPEND_KEEP_SECONDS,
+        }
+
+        def record(conn: Conn) -> None:
+            conn.execute(sql.FORGET_BUDGET_SPEND, params)
+            conn.execute(sql.RECORD_BUDGET_SPEND, params)
+
+        await self.run("record_budget_spend", record)
+
+    async def budget_spend_since(self, since: float) -> dict[str, TenantSpend]:
+        def read(conn: Conn) -> dict[str, TenantSpend]:
+            times: dict[str, list[float]] = {}
+            limits: dict[str, int] = {}
+            for row in conn.execute(sql.BUDGET_SPEND_SINCE, {"since": since}):
+                times.setdefault(row["tenant"], []).append(float(row["at"]))
+                limits[row["tenant"]] = int(row["limit_per_minute"])  # the newest wins
+            return {t: TenantSpend(tuple(at), limits[t]) for t, at in times.items()}
+
+        return await self.run("budget_spend_since", read)
 
     async def known_states(self, brand: str, order_ids: Sequence[int]) -> dict[int, KnownState]:
         if not order_ids:
