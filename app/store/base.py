@@ -204,6 +204,10 @@ class KnownState:
     updated_at: float | None = None
 
 
+# Budget spend is read back for one minute (Clopos's window); two are kept.
+BUDGET_SPEND_KEEP_SECONDS = 120.0
+
+
 @dataclass(frozen=True)
 class TenantSpend:
     """What one tenant's Clopos budget spent recently: the times its calls were granted

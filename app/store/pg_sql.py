@@ -434,3 +434,13 @@ SELECT body FROM snapshots WHERE brand = %(brand)s AND order_id = %(order_id)s
 ORDER BY version DESC LIMIT 1
 """
 HEARTBEAT = "UPDATE heartbeat SET beats = beats + 1, beat_at = %(now)s WHERE id = 1"
+
+# --- the Clopos rate budget -------------------------------------------------------------
+
+RECORD_BUDGET_SPEND = """
+INSERT INTO budget_spend (tenant, at, limit_per_minute) VALUES (%(tenant)s, %(at)s, %(limit)s)
+"""
+FORGET_BUDGET_SPEND = "DELETE FROM budget_spend WHERE at < %(before)s"
+BUDGET_SPEND_SINCE = """
+SELECT tenant, at, limit_per_minute FROM budget_spend WHERE at > %(since)s ORDER BY at, id
+"""

@@ -30,6 +30,7 @@ from app.errors import StoreError
 from app.logs import get_logger
 from app.store import pg_sql as sql
 from app.store.base import (
+    BUDGET_SPEND_KEEP_SECONDS,
     CompleteResult,
     DeadLetter,
     DeadLetterFilter,
@@ -46,6 +47,7 @@ from app.store.base import (
     QueueStats,
     ReplayMode,
     StoreStats,
+    TenantSpend,
 )
 from app.store.pg_migrate import migrate
 
@@ -400,6 +402,35 @@ class PostgresStore:
 
         mark: float = await self._run("set_poll_watermark", advance)
         return mark
+
+    # --- the Clopos rate budget -------------------------------------------------------------
+
+    async def record_budget_spend(self, tenant: str, *, at: float, limit: int) -> None:
+        params = {
+            "tenant": tenant,
+            "at": at,
+            "limit": limit,
+            "before": at - BUDGET_SPEND_KEEP_SECONDS,
+        }
+
+        async def record(conn: Conn) -> None:
+            await conn.execute(sql.FORGET_BUDGET_SPEND, params)
+            await conn.execute(sql.RECORD_BUDGET_SPEND, params)
+
+        await self._run("record_budget_spend", record)
+
+    async def budget_spend_since(self, since: float) -> dict[str, TenantSpend]:
+        async def read(conn: Conn) -> dict[str, TenantSpend]:
+            times: dict[str, list[float]] = {}
+            limits: dict[str, int] = {}
+            cursor = await conn.execute(sql.BUDGET_SPEND_SINCE, {"since": since})
+            for row in await cursor.fetchall():
+                times.setdefault(row["tenant"], []).append(float(row["at"]))
+                limits[row["tenant"]] = int(row["limit_per_minute"])  # the newest wins
+            return {t: TenantSpend(tuple(at), limits[t]) for t, at in times.items()}
+
+        spent: dict[str, TenantSpend] = await self._run("budget_spend_since", read)
+        return spent
 
     async def known_states(self, brand: str, order_ids: Sequence[int]) -> dict[int, KnownState]:
         if not order_ids:

@@ -36,6 +36,7 @@ from app.errors import StoreError
 from app.logs import get_logger
 from app.store import sql
 from app.store.base import (
+    BUDGET_SPEND_KEEP_SECONDS,
     CompleteResult,
     DeadLetter,
     DeadLetterFilter,
@@ -66,8 +67,6 @@ Conn = sqlite3.Connection
 MAX_NOTIFICATION_IDS = 1000
 # Rows one prune statement deletes at most, so one prune never holds the writer long.
 PRUNE_CHUNK = 2000
-# Budget spend is read back for one minute (Clopos's window); two are kept.
-BUDGET_SPEND_KEEP_SECONDS = 120.0
 # Notices an operator sent ("hydrate now", a replay): due at once even in a backoff.
 OPERATOR_SOURCES = ("admin", "replay")
 
