@@ -12,12 +12,13 @@ import time
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BeforeValidator
 
 from app import ids, signing
-from app.errors import StoreError
+from app.errors import ApiError
+from app.http_errors import error_responses
 from app.logs import get_logger
 from app.poller import PollStatus
 from app.runtime import Runtime, RuntimeDep
@@ -25,16 +26,6 @@ from app.status import ServiceStatus
 from app.store.base import DeadLetter, DeadLetterFilter, Notification
 
 log = get_logger("app.admin")
-
-
-class AdminError(Exception):
-    """A refused admin request; rendered as JSON by the handler below."""
-
-    def __init__(self, status: int, error: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error = error
-        self.message = message
 
 
 async def require_admin(request: Request, runtime: RuntimeDep) -> None:
@@ -46,10 +37,19 @@ async def require_admin(request: Request, runtime: RuntimeDep) -> None:
         or scheme.lower() != "bearer"
         or not signing.constant_time_equals(token.strip(), expected.get_secret_value())
     ):
-        raise AdminError(401, "unauthorized", "send Authorization: Bearer <ADMIN_TOKEN>")
+        raise ApiError(
+            401,
+            "unauthorized",
+            "send Authorization: Bearer <ADMIN_TOKEN>",
+            {"WWW-Authenticate": "Bearer"},
+        )
 
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin",
+    dependencies=[Depends(require_admin)],
+    responses=error_responses(401, 422),
+)
 
 Mode = Literal["auto", "hydrate", "deliver"]
 # Every integer an admin route takes is checked here, before any store call: a value the
@@ -76,8 +76,9 @@ def _order_id(value: object) -> int:
 
 Digits = BeforeValidator(_digits)
 LetterId = Annotated[int, Path(ge=1, le=ROW_ID_MAX), Digits]
-OrderId = Annotated[int, Path(), BeforeValidator(_order_id)]
-VenueId = Annotated[int | None, Query(), BeforeValidator(_order_id)]
+# ge/le repeat what _order_id enforces, so the OpenAPI document states the range.
+OrderId = Annotated[int, Path(ge=ids.MIN_ID, le=ids.MAX_ID), BeforeValidator(_order_id)]
+VenueId = Annotated[int | None, Query(ge=ids.MIN_ID, le=ids.MAX_ID), BeforeValidator(_order_id)]
 Kind = Literal["hydration", "delivery"]
 
 
@@ -99,21 +100,14 @@ def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
     return data
 
 
-async def _store_call(coro: Any) -> Any:
-    try:
-        return await coro
-    except StoreError as exc:
-        raise AdminError(503, "store_unavailable", str(exc)) from exc
-
-
-@router.get("/dead-letters")
+@router.get("/dead-letters", responses=error_responses(503))
 async def list_dead_letters(
     runtime: RuntimeDep,
     filt: FilterDep,
     limit: Annotated[int, Query(ge=1, le=500), Digits] = 50,
     after_id: Annotated[int | None, Query(ge=0, le=ROW_ID_MAX), Digits] = None,
 ) -> dict[str, Any]:
-    page = await _store_call(runtime.store.list_dead_letters(filt, limit=limit, after_id=after_id))
+    page = await runtime.store.list_dead_letters(filt, limit=limit, after_id=after_id)
     return {
         "items": [dead_letter_json(item) for item in page.items],
         "total": page.total,
@@ -121,61 +115,63 @@ async def list_dead_letters(
     }
 
 
-@router.get("/dead-letters/{dead_letter_id}")
+@router.get("/dead-letters/{dead_letter_id}", responses=error_responses(404, 503))
 async def show_dead_letter(dead_letter_id: LetterId, runtime: RuntimeDep) -> dict[str, Any]:
-    letter = await _store_call(runtime.store.get_dead_letter(dead_letter_id))
+    letter = await runtime.store.get_dead_letter(dead_letter_id)
     if letter is None:
-        raise AdminError(404, "not_found", f"no dead letter {dead_letter_id}")
+        raise ApiError(404, "not_found", f"no dead letter {dead_letter_id}")
     return dead_letter_json(letter)
 
 
-@router.post("/dead-letters/replay")
+@router.post("/dead-letters/replay", status_code=202, responses=error_responses(503))
 async def replay_many(
     runtime: RuntimeDep,
     filt: FilterDep,
     mode: Mode = "auto",
     limit: Annotated[int, Query(ge=1, le=10_000), Digits] = 1000,
 ) -> JSONResponse:
-    count = await _store_call(
-        runtime.store.replay_dead_letters(filt, mode=mode, now=time.time(), limit=limit)
-    )
+    count = await runtime.store.replay_dead_letters(filt, mode=mode, now=time.time(), limit=limit)
     _wake(runtime)
     log.info("admin.replayed", count=count, mode=mode, **_filter_fields(filt))
     return JSONResponse({"replayed": count}, status_code=202)
 
 
-@router.post("/dead-letters/{dead_letter_id}/replay")
+@router.post(
+    "/dead-letters/{dead_letter_id}/replay",
+    status_code=202,
+    responses=error_responses(404, 503),
+)
 async def replay_one(
     dead_letter_id: LetterId, runtime: RuntimeDep, mode: Mode = "auto"
 ) -> JSONResponse:
-    done = await _store_call(
-        runtime.store.replay_dead_letter(dead_letter_id, mode=mode, now=time.time())
-    )
+    done = await runtime.store.replay_dead_letter(dead_letter_id, mode=mode, now=time.time())
     if not done:
-        raise AdminError(404, "not_found", f"no dead letter {dead_letter_id}")
+        raise ApiError(404, "not_found", f"no dead letter {dead_letter_id}")
     _wake(runtime)
     log.info("admin.replayed", dead_letter_id=dead_letter_id, mode=mode)
     return JSONResponse({"replayed": 1}, status_code=202)
 
 
-@router.delete("/dead-letters/{dead_letter_id}")
+@router.delete(
+    "/dead-letters/{dead_letter_id}", status_code=204, responses=error_responses(404, 503)
+)
 async def purge_one(dead_letter_id: LetterId, runtime: RuntimeDep) -> Response:
-    if not await _store_call(runtime.store.purge_dead_letter(dead_letter_id)):
-        raise AdminError(404, "not_found", f"no dead letter {dead_letter_id}")
+    if not await runtime.store.purge_dead_letter(dead_letter_id):
+        raise ApiError(404, "not_found", f"no dead letter {dead_letter_id}")
     log.info("admin.purged", dead_letter_id=dead_letter_id)
     return Response(status_code=204)
 
 
-@router.delete("/dead-letters")
+@router.delete("/dead-letters", responses=error_responses(400, 503))
 async def purge_many(runtime: RuntimeDep, filt: FilterDep, all: bool = False) -> dict[str, int]:
     if not all and filt == DeadLetterFilter():
-        raise AdminError(400, "filter_required", "give a filter, or all=true to purge everything")
-    count = await _store_call(runtime.store.purge_dead_letters(filt))
+        raise ApiError(400, "filter_required", "give a filter, or all=true to purge everything")
+    count = await runtime.store.purge_dead_letters(filt)
     log.info("admin.purged", count=count, **_filter_fields(filt))
     return {"purged": count}
 
 
-@router.post("/orders/{order_id}/hydrate")
+@router.post("/orders/{order_id}/hydrate", status_code=202, responses=error_responses(404, 503))
 async def hydrate_order(
     runtime: RuntimeDep,
     order_id: OrderId,
@@ -184,17 +180,15 @@ async def hydrate_order(
 ) -> JSONResponse:
     name = brand or runtime.config.default_brand
     if name is None or name not in runtime.config.brands:
-        raise AdminError(404, "unknown_brand", "no such brand is configured")
-    result = await _store_call(
-        runtime.store.enqueue(
-            Notification(
-                brand=name,
-                order_id=order_id,
-                received_at=time.time(),
-                venue_id=str(venue_id) if venue_id is not None else None,
-                source="admin",
-                force=True,
-            )
+        raise ApiError(404, "unknown_brand", "no such brand is configured")
+    result = await runtime.store.enqueue(
+        Notification(
+            brand=name,
+            order_id=order_id,
+            received_at=time.time(),
+            venue_id=str(venue_id) if venue_id is not None else None,
+            source="admin",
+            force=True,
         )
     )
     runtime.wake_hydration()
@@ -268,12 +262,3 @@ def _wake(runtime: Runtime) -> None:
 
 def _filter_fields(filt: DeadLetterFilter) -> dict[str, Any]:
     return {k: v for k, v in asdict(filt).items() if v is not None}
-
-
-def install_error_handler(app: FastAPI) -> None:
-    @app.exception_handler(AdminError)
-    async def admin_error(request: Request, exc: AdminError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(
-            {"error": exc.error, "message": exc.message}, status_code=exc.status, headers=headers
-        )

@@ -16,6 +16,8 @@ messages::
     │   │                              /v2/auth refused the credentials (401, or 200
     │   │                              with success:false): pause the brand
     │   └── CloposPermanentError       other 4xx, or a response we cannot use
+    ├── ApiError                       an HTTP request refused: status, error, message,
+    │                                  headers; rendered by app/http_errors.py
     └── SinkError                      a delivery to a sink failed
         ├── SinkRetryableError         408/425/429/5xx/network: retry, maybe after
         │                              ``retry_after`` s
@@ -39,6 +41,23 @@ class ConfigError(HydratorError):
         super().__init__(f"{variable}: {reason}")
         self.variable = variable
         self.reason = reason
+
+
+class ApiError(HydratorError):
+    """A request refused with ``status``; the body is ``{"error", "message"}``.
+
+    Raised by the route layer only (ingest, admin); app/http_errors.py renders it, and a
+    :class:`StoreError` reaching a route becomes 503 ``store_unavailable`` there.
+    """
+
+    def __init__(
+        self, status: int, error: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.headers = headers
 
 
 class StoreError(HydratorError):

@@ -24,10 +24,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from app import ids, signing
-from app.errors import StoreError
+from app import http_errors, ids, signing
+from app.errors import ApiError, StoreError
 from app.logs import get_logger
 from app.runtime import Runtime, RuntimeDep
 from app.store.base import Notification
@@ -42,16 +43,6 @@ _MSG_ID = re.compile(rf"[\x21-\x7e]{{1,{signing.MAX_MSG_ID_LENGTH}}}")
 STORE_TIMEOUT_SECONDS = 10.0
 _DEDUP_HEADERS = ("webhook-id", "idempotency-key", "x-webhook-id")
 CLIENT_CLOSED_REQUEST = 499  # the access line's status for a sender that hung up mid-body
-
-
-class Rejection(Exception):
-    """An inbound request refused with a 4xx. Never leaves this module."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -81,11 +72,11 @@ def parse_notice(body: bytes, paths: list[str]) -> ParsedNotice:
     try:
         document = json.loads(body)
     except RecursionError as exc:  # 20,000 levels of nesting: refused, not a crash
-        raise Rejection(400, "too_deep", "JSON nesting is too deep") from exc
+        raise ApiError(400, "too_deep", "JSON nesting is too deep") from exc
     except (UnicodeDecodeError, ValueError) as exc:
-        raise Rejection(400, "invalid_json", "body is not valid JSON") from exc
+        raise ApiError(400, "invalid_json", "body is not valid JSON") from exc
     if not isinstance(document, dict):
-        raise Rejection(400, "not_an_object", "body must be a JSON object")
+        raise ApiError(400, "not_an_object", "body must be a JSON object")
     for path in paths:
         found = _lookup(document, path)
         if found is None:
@@ -93,7 +84,7 @@ def parse_notice(body: bytes, paths: list[str]) -> ParsedNotice:
         parent, value = found
         order_id = ids.parse_order_id(value)
         if order_id is None:
-            raise Rejection(
+            raise ApiError(
                 422, "invalid_order_id", f"{path} must be a positive integer or digit string"
             )
         venue_raw = parent.get("venue_id")
@@ -101,9 +92,9 @@ def parse_notice(body: bytes, paths: list[str]) -> ParsedNotice:
         if venue_raw is not None:
             venue_id = ids.parse_venue_id(venue_raw)
             if venue_id is None:
-                raise Rejection(422, "invalid_venue_id", "venue_id must be a positive integer")
+                raise ApiError(422, "invalid_venue_id", "venue_id must be a positive integer")
         return ParsedNotice(order_id, venue_id)
-    raise Rejection(422, "no_order_id", "no order id found at any of: " + ", ".join(paths))
+    raise ApiError(422, "no_order_id", "no order id found at any of: " + ", ".join(paths))
 
 
 # --- request handling -----------------------------------------------------------------
@@ -112,13 +103,13 @@ def parse_notice(body: bytes, paths: list[str]) -> ParsedNotice:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Rejection(413, "too_large", f"body exceeds {limit} bytes")
+        raise ApiError(413, "too_large", f"body exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:  # stop reading: the rest of a hostile body is never buffered
-            raise Rejection(413, "too_large", f"body exceeds {limit} bytes")
+            raise ApiError(413, "too_large", f"body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -140,11 +131,11 @@ def _authenticate(request: Request, body: bytes, secret: str | None, tolerance: 
     token = request.headers.get("x-webhook-token") or request.query_params.get("token")
     if token is not None:
         if not signing.constant_time_equals(token, secret):
-            raise Rejection(401, "bad_token", "invalid webhook token")
+            raise ApiError(401, "bad_token", "invalid webhook token")
         return None
     signature = request.headers.get("webhook-signature")
     if signature is None:
-        raise Rejection(
+        raise ApiError(
             401, "unauthenticated", "send X-Webhook-Token or a Standard Webhooks signature"
         )
     msg_id = request.headers.get("webhook-id", "")
@@ -159,12 +150,12 @@ def _authenticate(request: Request, body: bytes, secret: str | None, tolerance: 
             tolerance_seconds=tolerance,
         )
     except signing.SignatureError as exc:
-        raise Rejection(401, exc.reason, "webhook signature rejected: " + exc.reason) from exc
+        raise ApiError(401, exc.reason, "webhook signature rejected: " + exc.reason) from exc
     # The replay guard is keyed on the signed message's id: one it cannot use (a space,
     # a control character, non-ASCII) would let the same signed message in again and
     # again, so a signed request must carry a usable one.
     if not _MSG_ID.fullmatch(msg_id):
-        raise Rejection(
+        raise ApiError(
             400, "invalid_webhook_id", "webhook-id must be printable ASCII without spaces"
         )
     return signed_at
@@ -180,9 +171,9 @@ async def _accept(runtime: Runtime, request: Request, brand: str) -> JSONRespons
         # it is a 401, so brand names cannot be probed.
         shared = config.webhook_secret_for(brand)
         if shared is None and not settings.webhook_allow_unauthenticated:
-            raise Rejection(401, "unauthenticated", "invalid webhook credentials")
+            raise ApiError(401, "unauthenticated", "invalid webhook credentials")
         _authenticate(request, body, shared, tolerance)
-        raise Rejection(404, "unknown_brand", "no such brand is configured")
+        raise ApiError(404, "unknown_brand", "no such brand is configured")
     signed_at = _authenticate(request, body, config.webhook_secret_for(brand), tolerance)
     dedup_key = _dedup_key(request)
     notice = parse_notice(body, settings.webhook_order_id_paths)
@@ -204,14 +195,9 @@ async def _accept(runtime: Runtime, request: Request, brand: str) -> JSONRespons
             order_id=notice.order_id,
             error=repr(exc),  # a TimeoutError's str() is empty
         )
-        runtime.metrics.rejected.labels("store_unavailable").inc()
-        return JSONResponse(
-            {"error": "store_unavailable", "message": "could not store the notification; retry"},
-            status_code=503,
-            headers={"Retry-After": "5"},
-        )
+        raise http_errors.store_unavailable() from exc  # counted and logged as rejected
     if result.duplicate and signed_at is not None and result.previous_signed_at == signed_at:
-        raise Rejection(409, "replayed", "this signed message was already received")
+        raise ApiError(409, "replayed", "this signed message was already received")
     outcome = "duplicate" if result.duplicate else "coalesced" if result.coalesced else "new"
     runtime.metrics.accepted.labels(brand, outcome).inc()
     if not result.duplicate:
@@ -238,13 +224,60 @@ async def _accept(runtime: Runtime, request: Request, brand: str) -> JSONRespons
     )
 
 
+class Accepted(BaseModel):
+    """The 202 body: the notification is durably stored."""
+
+    accepted: bool
+    brand: str
+    order_id: int
+    notification_id: int | None  # None for an exact repeat (duplicate)
+    duplicate: bool
+    coalesced: bool
+
+
+_ORDER_ID = {
+    "oneOf": [
+        {"type": "integer", "minimum": ids.MIN_ID, "maximum": ids.MAX_ID},
+        {"type": "string", "pattern": "^0*[1-9][0-9]*$", "maxLength": ids.MAX_ID_DIGITS},
+    ]
+}
+# The documented shape is the default WEBHOOK_ORDER_ID_PATHS' first: {"data": {"id": ...}}
+# (the others, and any extra keys, are accepted too).
+_NOTICE_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "object",
+            "required": ["id"],
+            "properties": {
+                "id": _ORDER_ID,
+                "venue_id": {"oneOf": [*_ORDER_ID["oneOf"], {"type": "null"}]},
+            },
+        }
+    },
+}
+WEBHOOK_DOCS: dict[str, Any] = {
+    "responses": {
+        202: {"model": Accepted, "description": "Stored; hydration and delivery follow."},
+        **http_errors.error_responses(400, 401, 404, 409, 413, 422, 503),
+    },
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _NOTICE_SCHEMA}},
+        }
+    },
+}
+
+
 async def handle(runtime: Runtime, request: Request, brand: str | None) -> Response:
     route = "default" if brand is None else "brand"
     runtime.metrics.received.labels(route).inc()
     try:
         if brand is None:
             if runtime.config.default_brand is None:
-                raise Rejection(404, "unknown_brand", "no default brand is configured")
+                raise ApiError(404, "unknown_brand", "no default brand is configured")
             brand = runtime.config.default_brand
         return await _accept(runtime, request, brand)
     except ClientDisconnect:
@@ -254,17 +287,17 @@ async def handle(runtime: Runtime, request: Request, brand: str | None) -> Respo
         runtime.metrics.rejected.labels("client_disconnected").inc()
         log.info("webhook.client_disconnected", brand=brand)
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    except Rejection as exc:
-        runtime.metrics.rejected.labels(exc.reason).inc()
-        log.info("webhook.rejected", brand=brand, status=exc.status, reason=exc.reason)
-        return JSONResponse({"error": exc.reason, "message": exc.message}, status_code=exc.status)
+    except ApiError as exc:
+        runtime.metrics.rejected.labels(exc.error).inc()
+        log.info("webhook.rejected", brand=brand, status=exc.status, reason=exc.error)
+        return http_errors.render(exc)
 
 
-@router.post("/webhooks/clopos", status_code=202)
+@router.post("/webhooks/clopos", status_code=202, **WEBHOOK_DOCS)
 async def webhook_default(request: Request, runtime: RuntimeDep) -> Response:
     return await handle(runtime, request, None)
 
 
-@router.post("/webhooks/clopos/{brand}", status_code=202)
+@router.post("/webhooks/clopos/{brand}", status_code=202, **WEBHOOK_DOCS)
 async def webhook_brand(brand: str, request: Request, runtime: RuntimeDep) -> Response:
     return await handle(runtime, request, brand)

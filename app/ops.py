@@ -12,8 +12,9 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
 from app.runtime import RuntimeDep
 
@@ -25,7 +26,16 @@ async def healthz() -> dict[str, Any]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, dict[str, Any]]  # name -> {ok, detail, warning}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready: the failing checks say why."}},
+)
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     status = await runtime.status()
     checks = {name: asdict(check) for name, check in status.checks.items()}
@@ -34,7 +44,11 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus text exposition format."}},
+)
 async def metrics(runtime: RuntimeDep) -> Response:
     status = await runtime.status()
     return Response(runtime.metrics.render(status), media_type=CONTENT_TYPE_LATEST)

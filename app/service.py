@@ -5,13 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app import __version__, admin, ingest, ops
+from app import __version__, admin, http_errors, ingest, ops
 from app.access_log import AccessLogMiddleware
 from app.runtime import Runtime
 from app.settings import Config
@@ -59,29 +56,6 @@ def create_app(config: Config, *, runtime: Runtime | None = None) -> FastAPI:
     app.include_router(ops.router)
     if config.settings.admin_token is not None:
         app.include_router(admin.router)
-        admin.install_error_handler(app)
-    _json_errors(app)
+    http_errors.install(app)
     app.add_middleware(AccessLogMiddleware)
     return app
-
-
-def _json_errors(app: FastAPI) -> None:
-    """Every error body is JSON with a clear message, including framework 404/405/422."""
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        reasons = {404: "not_found", 405: "method_not_allowed"}
-        return JSONResponse(
-            {"error": reasons.get(exc.status_code, "http_error"), "message": str(exc.detail)},
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse(
-            {"error": "invalid_request", "message": f"{where}: {first.get('msg', 'invalid')}"},
-            status_code=422,
-        )

@@ -18,7 +18,8 @@ from app.cli import build_parser
 from app.clopos.budget import LocalRateBudget
 from app.clopos.client import CloposClient
 from app.clopos.transport import make_http_client
-from app.ingest import Rejection, parse_notice
+from app.errors import ApiError
+from app.ingest import parse_notice
 from app.poller import parse_listed
 from app.sandbox import SandboxState, create_sandbox_app
 from tests.servers import ServerThread
@@ -68,7 +69,7 @@ def test_an_id(value: Any, order: int, venue: str | None) -> None:
 @pytest.mark.parametrize("value", BAD_TEXT, ids=repr)
 def test_webhook_body_refuses_what_is_not_an_order_id(value: str) -> None:
     body = json.dumps({"data": {"id": value}}).encode()
-    with pytest.raises(Rejection) as caught:
+    with pytest.raises(ApiError) as caught:
         parse_notice(body, ["data.id"])
     assert caught.value.status == 422
 
@@ -76,7 +77,7 @@ def test_webhook_body_refuses_what_is_not_an_order_id(value: str) -> None:
 @pytest.mark.parametrize("value", BAD_TEXT, ids=repr)
 def test_webhook_body_refuses_what_is_not_a_venue_id(value: str) -> None:
     body = json.dumps({"data": {"id": 1001, "venue_id": value}}).encode()
-    with pytest.raises(Rejection) as caught:
+    with pytest.raises(ApiError) as caught:
         parse_notice(body, ["data.id"])
     assert caught.value.status == 422
 
