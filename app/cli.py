@@ -10,17 +10,20 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import uvloop
 
-from app import cli_ops
+from app import cli_ops, healthcheck
 from app.cli_ops import add_command
 from app.errors import ConfigError, StoreError
 from app.logs import configure_logging, get_logger
 from app.settings import Config, load_settings
-from app.store import hold_database
+from app.store import hold_database, sqlite_path
+from app.store.location import check_sqlite_location
 from app.store.lock import DatabaseLock
+from app.termination import remember_termination
 
 log = get_logger("app.cli")
 
@@ -28,6 +31,14 @@ SANDBOX_DEFAULTS = {
     "WEBHOOK_SECRET": "sandbox-webhook-secret",
     "DATABASE_URL": "sqlite:///./data/sandbox.db",
     "ADMIN_TOKEN": "sandbox-admin-token",
+}
+# The brand the simulated Clopos accepts (also what `hydrate --sandbox` uses).
+SANDBOX_BRAND = {
+    "clopos_client_id": "sandbox-client",
+    "clopos_client_secret": "sandbox-client-secret",
+    "clopos_brand": "sandbox",
+    "clopos_integrator_id": "sandbox-integrator",
+    "clopos_brands_file": None,
 }
 
 
@@ -59,6 +70,32 @@ def _hold_database(config: Config) -> DatabaseLock | None:
         return hold_database(config.settings.database_url)
     except StoreError as exc:
         raise ConfigError("DATABASE_URL", str(exc)) from exc
+
+
+def _check_store(config: Config) -> None:
+    """An unusable SQLite location is a one-line configuration error, before anything
+    starts (inside the server's start-up it was a traceback and exit 3)."""
+    url = config.settings.database_url
+    if url.startswith("sqlite:"):
+        check_sqlite_location(sqlite_path(url))
+
+
+def _run(
+    config: Config,
+    host: str,
+    port: int,
+    mount: Callable[[Any], None] | None,
+    lock: DatabaseLock | None,
+) -> int:
+    """Serve until stopped, then let the database go; the exit status says how the
+    service stopped (143 after SIGTERM, also as PID 1)."""
+    with remember_termination() as termination:
+        try:
+            code = _run_server(_serve(config, host, port, mount))
+        finally:
+            if lock is not None:
+                lock.release()
+    return termination.exit_status(code)
 
 
 async def _serve(config: Config, host: str, port: int, mount: Callable[[Any], None] | None) -> int:
@@ -97,12 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config()
     _setup_logging(config)
     _require_brand(config)
-    lock = _hold_database(config)
-    try:
-        return _run_server(_serve(config, args.host, args.port, None))
-    finally:
-        if lock is not None:
-            lock.release()
+    _check_store(config)
+    return _run(config, args.host, args.port, None, _hold_database(config))
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -112,19 +145,15 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         os.environ.setdefault(name, value)
     public = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"  # noqa: S104
     state = SandboxState()
-    overrides = {
-        "clopos_base_url": f"{public}/sandbox/open-api",
-        "clopos_client_id": "sandbox-client",
-        "clopos_client_secret": "sandbox-client-secret",
-        "clopos_brand": "sandbox",
-        "clopos_integrator_id": "sandbox-integrator",
-        "clopos_brands_file": None,
-    }
+    overrides = {"clopos_base_url": f"{public}/sandbox/open-api", **SANDBOX_BRAND}
     if sys.stderr.isatty():
         os.environ.setdefault("LOG_FORMAT", "console")
     config = _config(overrides)
     _setup_logging(config)
+    _check_store(config)
     lock = _hold_database(config)
+    if args.reset:
+        _reset_store(config)  # under the lock: never the store of a sandbox still running
     secret = config.webhook_secret_for("sandbox")
     state.notify_url = f"{public}/webhooks/clopos"
     state.notify_token = secret
@@ -133,11 +162,27 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     def mount(app: Any) -> None:
         app.mount("/sandbox", create_sandbox_app(state))
 
-    try:
-        return _run_server(_serve(config, args.host, args.port, mount))
-    finally:
-        if lock is not None:
-            lock.release()
+    return _run(config, args.host, args.port, mount, lock)
+
+
+def _reset_store(config: Config) -> None:
+    """``sandbox --reset``: start from an empty store (the simulated Clopos is in memory
+    and starts afresh anyway). SQLite only: a shared database is never wiped from here."""
+    url = config.settings.database_url
+    if not url.startswith("sqlite:"):
+        raise ConfigError("DATABASE_URL", "--reset only deletes a SQLite file")
+    path = sqlite_path(url).resolve()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    print(f"sandbox: reset, deleted {path}", file=sys.stderr, flush=True)
+
+
+def _store_shown(url: str) -> str:
+    """The store as the banner shows it: a SQLite file by its absolute path, so a sandbox
+    started from another directory says where its ./data went."""
+    if url.startswith("sqlite:"):
+        return f"{sqlite_path(url).resolve()}  ({url})"
+    return url
 
 
 def _shown(value: str | None, name: str) -> str:
@@ -157,7 +202,7 @@ def _print_banner(public: str, secret: str | None, config: Config) -> None:
         f"  health / readiness / metrics:      {public}/healthz  {public}/readyz  {public}/metrics",
         f"  simulated Clopos API:              {public}/sandbox/open-api/v2/orders/1001",
         f"  sandbox control:                   {public}/sandbox/_sandbox/stats",
-        f"  store:                             {config.settings.database_url}",
+        f"  store:                             {_store_shown(config.settings.database_url)}",
         "",
         "  Try it (hydrated order 1001 with its receipt appears in this log):",
         f"    curl -s -X POST '{public}/webhooks/clopos' \\",
@@ -197,9 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sandbox.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     sandbox.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sandbox.add_argument(
+        "--reset",
+        action="store_true",
+        help="delete the sandbox's SQLite store first (start from a fresh state)",
+    )
     sandbox.set_defaults(func=cmd_sandbox)
 
     cli_ops.add_commands(commands)
+    healthcheck.add_command(commands)
     return parser
 
 

@@ -35,7 +35,7 @@ def _admin_token(args: argparse.Namespace) -> str:
     token = args.token or os.environ.get("ADMIN_TOKEN")
     if not token:
         try:
-            secret = load_settings().settings.admin_token
+            secret = load_settings(require_webhook_secret=False).settings.admin_token
         except ConfigError:
             secret = None
         token = secret.get_secret_value() if secret is not None else None
@@ -100,9 +100,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 brand["credentials"]
                 + (f" ({brand['paused_reason']})" if brand["paused_reason"] else ""),
                 f"{remaining if remaining is not None else '-'} / {budget.get('limit', '-')}",
+                _poll_text(brand.get("poll")),
             ]
         )
-    _out(_table(brand_rows, ["brand", "credentials", "budget left / per min"]))
+    _out(_table(brand_rows, ["brand", "credentials", "budget left / per min", "poll watermark"]))
     _out("")
     sink_rows = [
         [n, s["kind"], s["circuit"], str(s["in_flight"])] for n, s in data["sinks"].items()
@@ -114,6 +115,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     if data.get("store_error"):
         _out(f"STORE ERROR: {data['store_error']}")
     return 0
+
+
+def _poll_text(poll: dict[str, Any] | None) -> str:
+    """The poller's position of a brand: its watermark, and what the last cycle did."""
+    if poll is None:
+        return "off"
+    text = poll.get("watermark") or "none yet"
+    if poll.get("last_outcome") and poll["last_outcome"] != "ok":
+        text += f" (last cycle: {poll['last_outcome']})"
+    return str(text)
 
 
 def _filter_params(args: argparse.Namespace) -> dict[str, str]:
@@ -182,7 +193,14 @@ def cmd_dlq_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_hydrate(args: argparse.Namespace) -> int:
-    config = load_settings()
+    if args.sandbox:
+        from app.cli import SANDBOX_BRAND
+
+        # The simulated Clopos of a running `clopos-hydrator sandbox`, with its own brand.
+        base = f"{args.url.rstrip('/')}/sandbox/open-api"
+        config = load_settings(require_webhook_secret=False, clopos_base_url=base, **SANDBOX_BRAND)
+    else:
+        config = load_settings(require_webhook_secret=False)
     settings = config.settings
     # stdout is the snapshot alone (pipe it to jq); logs go to stderr, through the redactor.
     configure_logging(
@@ -355,6 +373,16 @@ def add_commands(commands: Any) -> None:
     hydrate.add_argument("order_id", type=_order_id, help="the Clopos order id")
     hydrate.add_argument("--brand", help="brand (default: the CLOPOS_BRAND brand)")
     hydrate.add_argument("--venue", type=_venue_id, help="venue id, sent as x-venue")
+    hydrate.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="fetch from the simulated Clopos of a running `sandbox` (at --url), as its brand",
+    )
+    hydrate.add_argument(
+        "--url",
+        default=os.environ.get("HYDRATOR_URL", DEFAULT_URL),
+        help=f"with --sandbox: the sandbox's base URL (default $HYDRATOR_URL or {DEFAULT_URL})",
+    )
     hydrate.set_defaults(func=cmd_hydrate)
 
     send = add_command(

@@ -343,8 +343,12 @@ def _decoding_error(exc: ValueError) -> ConfigError:
     return ConfigError(field.group(1).upper(), "is not valid JSON")
 
 
-def load_settings(**overrides: Any) -> Config:
-    """Build the configuration from the environment (and ``.env``), or raise ConfigError."""
+def load_settings(*, require_webhook_secret: bool = True, **overrides: Any) -> Config:
+    """Build the configuration from the environment (and ``.env``), or raise ConfigError.
+
+    ``require_webhook_secret=False`` is for commands that receive no webhooks (``hydrate``
+    only fetches): they must not ask for a secret they never use.
+    """
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -362,7 +366,11 @@ def load_settings(**overrides: Any) -> Config:
                     "CLOPOS_BRANDS_FILE", f"brand {brand.brand!r} is also CLOPOS_BRAND"
                 )
             brands.append(brand)
-    if settings.webhook_secret is None and not settings.webhook_allow_unauthenticated:
+    if (
+        require_webhook_secret
+        and settings.webhook_secret is None
+        and not settings.webhook_allow_unauthenticated
+    ):
         per_brand = brands and all(b.webhook_secret is not None for b in brands)
         if not per_brand:
             raise ConfigError(
