@@ -249,6 +249,27 @@ async def _hydrate(config: Config, order_id: int, brand: str | None, venue: str 
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from app.store import sqlite_path
+    from app.store.backup import backup_sqlite
+
+    url = load_settings(require_webhook_secret=False).settings.database_url
+    if not url.startswith("sqlite:"):
+        raise ConfigError(
+            "DATABASE_URL", "backup copies a SQLite store (use pg_dump for PostgreSQL)"
+        )
+    source = sqlite_path(url)
+    dest = Path(args.dest)
+    try:
+        pages = backup_sqlite(source, dest)
+    except FileExistsError as exc:
+        raise SystemExit(f"clopos-hydrator: {exc}") from exc
+    _out(f"backed up {source.resolve()} to {dest.resolve()} ({pages} pages)")
+    return 0
+
+
 def cmd_send_test(args: argparse.Namespace) -> int:
     from app.signing import sign
 
@@ -384,6 +405,14 @@ def add_commands(commands: Any) -> None:
         help=f"with --sandbox: the sandbox's base URL (default $HYDRATOR_URL or {DEFAULT_URL})",
     )
     hydrate.set_defaults(func=cmd_hydrate)
+
+    backup = add_command(
+        commands,
+        "backup",
+        help="copy the SQLite store (DATABASE_URL) to a new file, while the service runs",
+    )
+    backup.add_argument("dest", help="the new file to write (never overwritten)")
+    backup.set_defaults(func=cmd_backup)
 
     send = add_command(
         commands, "send-test", help="post a signed test notification to a running instance"

@@ -128,8 +128,11 @@ class Hydrator:
 
     async def process(self, job: HydrationJob) -> None:
         """One attempt, then its canonical log line (``hydration.finished``) and metrics."""
+        # The try number, 404s included: the same count a dead letter records as attempts
+        # (a 404 is not a failed attempt for backoff, but it is a try the operator sees).
+        tried = job.attempts + job.not_found_attempts
         structlog.contextvars.bind_contextvars(
-            brand=job.brand, order_id=job.order_id, job_id=job.id, attempt=job.attempts + 1
+            brand=job.brand, order_id=job.order_id, job_id=job.id, attempt=tried + 1
         )
         started = time.monotonic()
         attempt = await self.run(job)
