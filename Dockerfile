@@ -57,7 +57,7 @@ EXPOSE 8000
 # process's own command line (so `serve --port 9000` is checked on 9000).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
   CMD ["clopos-hydrator", "healthcheck"]
-# The service runs as PID 1 and exits 143 after SIGTERM by itself (app/shutdown.py): the
+# The service runs as PID 1 and exits 143 after SIGTERM by itself (app/termination.py): the
 # kernel ignores a re-raised signal in PID 1, so it exits with the status explicitly.
 # Keep the orchestrator's grace period above SHUTDOWN_GRACE_SECONDS + 5 s (default 25 s).
 STOPSIGNAL SIGTERM

@@ -397,7 +397,7 @@ def add_commands(commands: Any) -> None:
     hydrate.add_argument(
         "--sandbox",
         action="store_true",
-        help="fetch from the simulated Clopos of a running `sandbox` (at --url), as its brand",
+        help="fetch as the sandbox brand from the simulated Clopos of a running sandbox",
     )
     hydrate.add_argument(
         "--url",
