@@ -110,8 +110,11 @@ def test_every_sandbox_command_of_the_readme_pastes_and_answers_as_shown(
     blocks = shell_blocks(sandbox_section())
     runnable = [b for b in blocks if not b.lstrip().startswith("make sandbox")]
     assert len(runnable) >= 4, blocks
-    # As a user who pastes once the banner is up: the first poll cycle has run.
-    assert wait_until(lambda: log_events(sandbox.log_path, "poller.order_changed"), timeout=15)
+    # As a user who pastes once the banner is up: the first poll cycle has run (seconds;
+    # the deadline is for a loaded machine).
+    assert wait_until(lambda: log_events(sandbox.log_path, "poller.order_changed"), timeout=60), (
+        sandbox.log()[-3000:]
+    )
 
     outputs = []
     for block in runnable:
