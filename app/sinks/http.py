@@ -35,6 +35,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 
 from app import __version__
+from app.clopos.transport import make_http_client
 from app.errors import ConfigError, SinkPermanentError, SinkRetryableError
 from app.logs import get_logger
 from app.settings import HttpSinkConfig
@@ -140,14 +141,12 @@ class HttpSink:
         ]
         self._scrub_values = sorted({v for v in known if len(v) >= 6}, key=len, reverse=True)
         self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(
-            timeout=config.timeout_seconds,
-            follow_redirects=False,
-            verify=True,
-            limits=httpx.Limits(
-                max_connections=config.concurrency,
-                max_keepalive_connections=config.concurrency,
-            ),
+        # The aiohttp transport, as the Clopos client uses: with httpx's default one the
+        # delivery path was over half of the event loop's time in a capacity profile
+        # (httpcore's pool bookkeeping, an import lookup per request); see
+        # docs/benchmarks.md. Redirects are not followed, certificates are verified.
+        self._client = client or make_http_client(
+            timeout=config.timeout_seconds, max_connections=config.concurrency
         )
 
     def __repr__(self) -> str:
