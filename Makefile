@@ -48,9 +48,9 @@ promtool:
 
 test: lint typecheck promtool unit
 
+# Every benchmark, one table, docs/benchmarks.md (about 5 minutes on 2 cores).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/ingest.py
-	$(BIN)/python benchmarks/transport.py
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 # The image installs exactly these (hashed) versions. Re-run after changing dependencies
 # in pyproject.toml; tests/test_deploy_config.py fails while the lock misses one.

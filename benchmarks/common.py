@@ -7,6 +7,9 @@ Every figure a benchmark reports is a ratio to a baseline measured in the same r
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import os
 import resource
 import socket
@@ -17,8 +20,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,3 +211,77 @@ def sink_server(logs: Path) -> Server:
 
 def own_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+SINK_SECRET = "whsec_" + base64.b64encode(b"bench-sink-secret-0123456789abcdef").decode()
+
+
+def http_sink_setting(sink: Server, concurrency: int = 4) -> str:
+    """SINKS for one HTTP sink at the counting sink (defaults otherwise)."""
+    setting = {"type": "http", "name": "bench", "url": f"{sink.url}/hook", "secret": SINK_SECRET}
+    return json.dumps([{**setting, "concurrency": concurrency}])
+
+
+async def notify(url: str, order_ids: list[int], concurrency: int = 32) -> dict[int, int]:
+    """POST one notification per order id (in order, ``concurrency`` at a time); the
+    count of each status answered. A refused connection counts as status 0."""
+    statuses: dict[int, int] = {}
+    headers = {"X-Webhook-Token": WEBHOOK_SECRET, "Content-Type": "application/json"}
+    ids = iter(order_ids)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            for order_id in ids:
+                body = b'{"event":"order.updated","data":{"id":%d}}' % order_id
+                try:
+                    async with session.post(url, data=body, headers=headers) as response:
+                        await response.read()
+                        status = response.status
+                except aiohttp.ClientError:
+                    status = 0
+                statuses[status] = statuses.get(status, 0) + 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return statuses
+
+
+def sink_count(sink: Server) -> dict[str, Any]:
+    count: dict[str, Any] = httpx.get(f"{sink.url}/count", timeout=10).json()
+    return count
+
+
+def sink_orders(sink: Server) -> dict[int, float]:
+    """Order id -> when the sink first received it (epoch seconds)."""
+    return {int(k): v for k, v in httpx.get(f"{sink.url}/orders", timeout=10).json().items()}
+
+
+def reset_sink(sink: Server) -> None:
+    httpx.post(f"{sink.url}/reset", timeout=10).raise_for_status()
+
+
+def wait_delivered(sink: Server, orders: int, *, timeout: float, idle: float = 10.0) -> float:
+    """Wait until the sink holds ``orders`` distinct orders, or nothing new arrived for
+    ``idle`` seconds, or ``timeout``; return when the last one arrived (epoch seconds)."""
+    deadline = time.monotonic() + timeout
+    seen, progress_at = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = sink_count(sink)
+        if count["orders"] >= orders:
+            break
+        if count["orders"] != seen:
+            seen, progress_at = count["orders"], time.monotonic()
+        elif time.monotonic() - progress_at > idle:
+            break
+        time.sleep(0.2)
+    last_at: float = sink_count(sink)["last_at"]
+    return last_at
+
+
+def sandbox_stats(sandbox: Server) -> dict[str, Any]:
+    stats: dict[str, Any] = httpx.get(f"{sandbox.url}/_sandbox/stats", timeout=10).json()
+    return stats
+
+
+def reset_sandbox_counters(sandbox: Server) -> None:
+    httpx.post(f"{sandbox.url}/_sandbox/reset", json={}, timeout=10).raise_for_status()

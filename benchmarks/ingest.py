@@ -9,7 +9,10 @@ commit, the 202 only after the commit) and hydrates against the sandbox meanwhil
 in production. Every server is its own process; the same client loads them in turn,
 round after round, so each round's ratio compares neighbours in time on a noisy shared
 machine. The ratio reported is the median of the per-round ratios; p50/p99 are over
-every request of every round.
+every request of every round. Beside it, each server's CPU time per request (from
+/proc), which a busy machine disturbs far less than wall-clock throughput: bare's CPU
+per request divided by the service's is the throughput ratio a CPU-bound server
+would reach on an otherwise idle machine.
 
 ``--database-url`` (or ``BENCH_DATABASE_URL``) adds the service on that store (e.g.
 PostgreSQL) beside SQLite's. ``--compare NAME=PATH`` adds the service as checked out
@@ -71,6 +74,8 @@ class Target:
     p50: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)  # server CPU per request, per round
+    server: Server | None = None
 
 
 async def _load(url: str, requests: int, concurrency: int, first: int) -> tuple[float, list[float]]:
@@ -125,7 +130,7 @@ def measure(args: argparse.Namespace) -> list[Target]:
         servers.append(sandbox)
         bare_port = free_port()
         servers.append(Server("bare", uvicorn_cmd("benchmarks.bare_app:app", bare_port), bare_port))
-        targets = [Target("bare", f"{servers[-1].url}/webhooks/clopos")]
+        targets = [Target("bare", f"{servers[-1].url}/webhooks/clopos", server=servers[-1])]
         stores = [("sqlite", f"sqlite:///{logs / 'bench.db'}")]
         if args.database_url:
             stores.append((args.database_url.split(":", 1)[0].split("+")[0], args.database_url))
@@ -139,12 +144,16 @@ def measure(args: argparse.Namespace) -> list[Target]:
                 name = f"{label} ({store})"
                 env = service_env(sandbox, url)
                 servers.append(Server(name, service_cmd(port), port, env=env, cwd=checkout))
-                targets.append(Target(name, f"{servers[-1].url}/webhooks/clopos"))
+                targets.append(
+                    Target(name, f"{servers[-1].url}/webhooks/clopos", server=servers[-1])
+                )
         script = logs / "notify.lua"
         script.write_text(WRK_SCRIPT % (ORDERS, WEBHOOK_SECRET))
         first = 0
         for round_ in range(args.rounds + 1):  # round 0 warms up (connections, caches)
             for target in targets:
+                assert target.server is not None
+                cpu0 = target.server.cpu_seconds()
                 if args.wrk:
                     rps, p50, p99 = _wrk(target.url, args.seconds, args.concurrency, script)
                 else:
@@ -155,6 +164,10 @@ def measure(args: argparse.Namespace) -> list[Target]:
                     if round_:
                         target.latencies += lat
                 if round_:
+                    cpu = target.server.cpu_seconds() - cpu0
+                    target.cpu_ms.append(
+                        cpu / (rps * args.seconds if args.wrk else args.requests) * 1000
+                    )
                     target.rps.append(rps)
                     target.p50.append(p50)
                     target.p99.append(p99)
@@ -183,6 +196,7 @@ def report(targets: list[Target], args: argparse.Namespace) -> list[Row]:
         print(
             f"  {target.name:22s} median {median(target.rps):7.0f} req/s  "
             f"p50 {_p(target, 0.5):6.1f} ms  p99 {_p(target, 0.99):6.1f} ms  "
+            f"CPU {median(target.cpu_ms):.3f} ms/req  "
             f"(rounds: {', '.join(f'{r:.0f}' for r in target.rps)})"
         )
     rows = []
@@ -203,6 +217,19 @@ def report(targets: list[Target], args: argparse.Namespace) -> list[Row]:
                 f"{ratio:.2f}x",
                 f">= {GOAL_RATIO}x",
                 "met" if ratio >= GOAL_RATIO else "NOT met",
+            )
+        )
+        cpu_ratio = median(bare.cpu_ms) / median(target.cpu_ms)
+        print(f"  {target.name}: server CPU per request: bare's is {cpu_ratio:.2f}x its own")
+        rows.append(
+            Row(
+                "1. ingest",
+                f"{target.name} server CPU ms/request",
+                f"{median(target.cpu_ms):.3f}",
+                f"bare {median(bare.cpu_ms):.3f}",
+                f"{cpu_ratio:.2f}x",
+                "(noise-robust companion)",
+                "",
             )
         )
         rows.append(

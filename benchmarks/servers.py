@@ -5,7 +5,8 @@
   ``BENCH_SANDBOX_LIMIT`` calls per minute);
 * ``sink_app``: a counting sink. ``POST`` anywhere records the delivered ``order_id``
   and when it arrived; ``GET /count`` answers ``{"deliveries", "orders", "last_at"}``
-  (distinct orders, epoch seconds); ``POST /outage?seconds=S`` answers 503 to every
+  (distinct orders, epoch seconds); ``GET /orders`` answers ``{order_id: first delivery
+  at}``; ``POST /outage?seconds=S`` answers 503 to every
   delivery for S seconds; ``POST /reset`` forgets everything;
 * ``naive_app``: the design the service replaces: FastAPI ``BackgroundTasks`` that fetch
   the order and forward it in-process, no store (``NAIVE_CLOPOS_URL``, ``NAIVE_SINK_URL``).
@@ -41,7 +42,7 @@ sandbox_app = create_sandbox_app(
 class _Sink:
     def __init__(self) -> None:
         self.deliveries = 0
-        self.orders: set[int] = set()
+        self.orders: dict[int, float] = {}  # order id -> first delivery (epoch seconds)
         self.last_at = 0.0
         self.outage_until = 0.0
 
@@ -63,6 +64,8 @@ class _Sink:
         path, method = scope["path"], scope["method"]
         if method == "GET" and path == "/count":
             await _answer(send, 200, self.snapshot())
+        elif method == "GET" and path == "/orders":
+            await _answer(send, 200, json.dumps(self.orders).encode())
         elif method == "POST" and path == "/outage":
             query = dict(
                 item.split("=", 1) for item in scope["query_string"].decode().split("&") if item
@@ -76,8 +79,8 @@ class _Sink:
             await _answer(send, 503, b'{"error":"outage"}')
         else:
             self.deliveries += 1
-            self.orders.add(int(json.loads(body)["order_id"]))
             self.last_at = time.time()
+            self.orders.setdefault(int(json.loads(body)["order_id"]), self.last_at)
             await _answer(send, 200, b"{}")
 
 
@@ -110,6 +113,8 @@ async def _naive_lifespan(app: FastAPI) -> AsyncIterator[None]:
     # httpx's defaults (100 connections, 5 s pool timeout): what the naive design used.
     async with httpx.AsyncClient(timeout=10) as client:
         _naive["client"] = client
+        # One token for the process, fetched before any notification is taken.
+        _naive["token"] = await _naive_token(client, os.environ["NAIVE_CLOPOS_URL"])
         yield
 
 
@@ -134,8 +139,6 @@ async def _fetch_and_forward(order_id: int) -> None:
     client: httpx.AsyncClient = _naive["client"]
     base, sink = os.environ["NAIVE_CLOPOS_URL"], os.environ["NAIVE_SINK_URL"]
     try:
-        if "token" not in _naive:
-            _naive["token"] = await _naive_token(client, base)
         response = await client.get(
             f"{base}/v2/orders/{order_id}?{RECEIPT_QUERY}", headers={"x-token": _naive["token"]}
         )
@@ -158,4 +161,4 @@ async def _naive_webhook(request: Request, tasks: BackgroundTasks) -> JSONRespon
     document = json.loads(await request.body())
     order_id = int(document["data"]["id"])
     tasks.add_task(_fetch_and_forward, order_id)
-    return JSONResponse({"accepted": True, "order_id": order_id}, status_code=202)
+    return JSONResponse({"accepted": True, "order_id": order_id}, status_code=202, background=tasks)

@@ -1,0 +1,237 @@
+"""End-to-end capacity: orders/s hydrated and delivered, and CPU seconds per 1,000 orders.
+
+    .venv/bin/python benchmarks/capacity.py [--orders 1500] [--rounds 2]
+
+The sandbox (budget lifted) and a counting sink run on the same cores as the design
+under test. A burst of ``--orders`` notifications, one per distinct order, is sent
+as fast as the design takes them; the clock stops when the sink holds every order
+(or nothing new arrives for 10 s: what never arrived was lost). Designs, in the same
+run, alternated round by round:
+
+* the service: durable queue, hydration, signed HTTP delivery, with HYDRATION_CONCURRENCY
+  and the sink's ``concurrency`` at ``--concurrency`` (32; the defaults are 8 and 4);
+* the naive design it replaces: FastAPI ``BackgroundTasks`` that fetch and forward
+  in-process with httpx, no store (benchmarks/servers.py ``naive_app``);
+* a raw aiohttp fetch-and-forward loop in this process (``--concurrency`` in flight):
+  the ceiling.
+
+CPU is the design's own process (for the loop, this process during the loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.clopos.client import RECEIPT_QUERY
+from benchmarks.common import (
+    SANDBOX_CREDENTIALS,
+    Row,
+    Server,
+    free_port,
+    http_sink_setting,
+    median,
+    notify,
+    reset_sink,
+    sandbox_server,
+    scratch,
+    service_cmd,
+    service_env,
+    sink_count,
+    sink_server,
+    uvicorn_cmd,
+    wait_delivered,
+)
+
+GOAL_VS_NAIVE = 1.5
+GOAL_VS_RAW = 0.5
+
+
+@dataclass
+class Design:
+    name: str
+    rates: list[float] = field(default_factory=list)
+    cpu_per_1000: list[float] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+
+
+def _burst_through(server: Server, sink: Server, order_ids: list[int]) -> tuple[float, float, int]:
+    """(orders/s delivered, CPU s per 1,000 orders, orders lost) for a server design."""
+    reset_sink(sink)
+    cpu0, started = server.cpu_seconds(), time.time()
+    statuses = asyncio.run(notify(f"{server.url}/webhooks/clopos", order_ids))
+    if statuses.get(202, 0) != len(order_ids):
+        print(f"  {server.name}: answers {statuses}")
+    last_at = wait_delivered(sink, len(order_ids), timeout=300)
+    cpu = server.cpu_seconds() - cpu0
+    delivered = sink_count(sink)["orders"]
+    return (
+        delivered / max(last_at - started, 1e-9),
+        cpu / len(order_ids) * 1000,
+        (len(order_ids) - delivered),
+    )
+
+
+async def _raw_loop(sandbox: Server, sink: Server, order_ids: list[int], concurrency: int) -> int:
+    base = f"{sandbox.url}/open-api"
+    credentials = {key.removeprefix("CLOPOS_").lower(): v for key, v in SANDBOX_CREDENTIALS.items()}
+    ids = iter(order_ids)
+    delivered = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
+        async with session.post(f"{base}/v2/auth", json=credentials) as answer:
+            token = (await answer.json())["token"]
+
+        async def worker() -> None:
+            nonlocal delivered
+            for order_id in ids:
+                url = f"{base}/v2/orders/{order_id}?{RECEIPT_QUERY}"
+                async with session.get(url, headers={"x-token": token}) as response:
+                    answer = await response.json()
+                    if "data" not in answer:
+                        raise SystemExit(f"raw loop: {order_id}: {answer}")
+                    order = answer["data"]
+                body = {"order_id": order_id, "order": order}
+                async with session.post(f"{sink.url}/hook", json=body) as posted:
+                    delivered += posted.status == 200
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return delivered
+
+
+def _raw_through(
+    sandbox: Server, sink: Server, order_ids: list[int], concurrency: int
+) -> tuple[float, float, int]:
+    reset_sink(sink)
+    cpu0, started = time.process_time(), time.time()
+    delivered = asyncio.run(_raw_loop(sandbox, sink, order_ids, concurrency))
+    elapsed, cpu = time.time() - started, time.process_time() - cpu0
+    return delivered / elapsed, cpu / len(order_ids) * 1000, len(order_ids) - delivered
+
+
+def measure(args: argparse.Namespace) -> list[Design]:
+    logs = scratch("capacity")
+    servers: list[Server] = []
+    try:
+        sandbox = sandbox_server(logs, seed_orders=args.orders * args.rounds * 3 + 10)
+        sink = sink_server(logs)
+        servers += [sandbox, sink]
+        port = free_port()
+        env = service_env(
+            sandbox,
+            f"sqlite:///{logs / 'capacity.db'}",
+            SINKS=http_sink_setting(sink, concurrency=args.concurrency),
+            HYDRATION_CONCURRENCY=str(args.concurrency),
+        )
+        service = Server("service", service_cmd(port), port, env=env, logs=logs)
+        port = free_port()
+        naive_env = {
+            "NAIVE_CLOPOS_URL": f"{sandbox.url}/open-api",
+            "NAIVE_SINK_URL": f"{sink.url}/hook",
+        }
+        naive = Server(
+            "naive",
+            uvicorn_cmd("benchmarks.servers:naive_app", port),
+            port,
+            env=naive_env,
+            logs=logs,
+        )
+        servers += [service, naive]
+        designs = {name: Design(name) for name in ("service", "naive", "raw")}
+        next_id = 1001
+        for _ in range(args.rounds):
+            for name in designs:
+                ids = list(range(next_id, next_id + args.orders))
+                next_id += args.orders
+                if name == "raw":
+                    rate, cpu, lost = _raw_through(sandbox, sink, ids, args.concurrency)
+                else:
+                    rate, cpu, lost = _burst_through(
+                        service if name == "service" else naive, sink, ids
+                    )
+                designs[name].rates.append(rate)
+                designs[name].cpu_per_1000.append(cpu)
+                designs[name].lost.append(lost)
+        return list(designs.values())
+    finally:
+        for server in reversed(servers):
+            server.stop()
+
+
+def report(designs: list[Design], args: argparse.Namespace) -> list[Row]:
+    by = {d.name: d for d in designs}
+    print(
+        f"capacity: bursts of {args.orders} distinct orders, {args.rounds} alternated rounds "
+        "(sandbox and sink on the same cores)"
+    )
+    for d in designs:
+        print(
+            f"  {d.name:8s} {median(d.rates):7.0f} orders/s delivered  "
+            f"{median(d.cpu_per_1000):5.2f} CPU s / 1,000 orders  lost {sum(d.lost)}  "
+            f"(rounds: {', '.join(f'{r:.0f}' for r in d.rates)})"
+        )
+    service = median(by["service"].rates)
+    vs_naive = [
+        s / max(n, 1e-9) for s, n in zip(by["service"].rates, by["naive"].rates, strict=True)
+    ]
+    vs_raw = [s / r for s, r in zip(by["service"].rates, by["raw"].rates, strict=True)]
+    print(f"  service / naive {median(vs_naive):.2f}x, service / raw {median(vs_raw):.2f}x")
+    cpu = median(by["service"].cpu_per_1000)
+    return [
+        Row(
+            "2. capacity",
+            "service orders/s (vs naive)",
+            f"{service:.0f}",
+            f"naive {median(by['naive'].rates):.0f} (lost {sum(by['naive'].lost)})",
+            f"{median(vs_naive):.2f}x",
+            f">= {GOAL_VS_NAIVE}x",
+            "met" if median(vs_naive) >= GOAL_VS_NAIVE else "NOT met",
+        ),
+        Row(
+            "2. capacity",
+            "service orders/s (vs raw loop)",
+            f"{service:.0f} (lost {sum(by['service'].lost)})",
+            f"raw {median(by['raw'].rates):.0f}",
+            f"{median(vs_raw):.2f}x",
+            f">= {GOAL_VS_RAW}x",
+            "met" if median(vs_raw) >= GOAL_VS_RAW else "NOT met",
+        ),
+        Row(
+            "2. capacity",
+            "CPU s per 1,000 orders",
+            f"service {cpu:.2f}",
+            f"naive {median(by['naive'].cpu_per_1000):.2f}, raw "
+            f"{median(by['raw'].cpu_per_1000):.2f}",
+            f"{cpu / median(by['naive'].cpu_per_1000):.2f}x naive",
+            "(reported)",
+            "",
+        ),
+    ]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--orders", type=int, default=1500)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=32,
+        help="orders in flight: the raw loop's, the service's hydrations and deliveries each",
+    )
+    return p
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    return report(measure(args), args)
+
+
+if __name__ == "__main__":
+    run(parser().parse_args())
