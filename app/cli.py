@@ -86,20 +86,27 @@ def _run(
     port: int,
     mount: Callable[[Any], None] | None,
     lock: DatabaseLock | None,
+    public_prefixes: tuple[str, ...] = (),
 ) -> int:
     """Serve until stopped, then let the database go; the exit status says how the
     service stopped (143 after SIGTERM, also as PID 1)."""
     with remember_termination() as termination:
         try:
-            code = _run_server(_serve(config, host, port, mount))
+            code = _run_server(_serve(config, host, port, mount, public_prefixes))
         finally:
             if lock is not None:
                 lock.release()
     return termination.exit_status(code)
 
 
-async def _serve(config: Config, host: str, port: int, mount: Callable[[Any], None] | None) -> int:
-    from app.http_server import build_server
+async def _serve(
+    config: Config,
+    host: str,
+    port: int,
+    mount: Callable[[Any], None] | None,
+    public_prefixes: tuple[str, ...] = (),
+) -> int:
+    from app.http_server import build_listeners
     from app.runtime import Runtime
     from app.service import create_app
 
@@ -107,7 +114,10 @@ async def _serve(config: Config, host: str, port: int, mount: Callable[[Any], No
     app = create_app(config, runtime=runtime)
     if mount is not None:
         mount(app)
-    server = build_server(app, host=host, port=port, settings=config.settings)
+    listeners = build_listeners(
+        app, host=host, port=port, settings=config.settings, public_prefixes=public_prefixes
+    )
+    server = listeners.main
     exit_code = 0
 
     def fatal(reason: str) -> None:
@@ -117,7 +127,7 @@ async def _serve(config: Config, host: str, port: int, mount: Callable[[Any], No
         server.should_exit = True
 
     runtime.on_fatal = fatal
-    await server.serve()
+    await listeners.serve()
     if not server.started:
         return 1
     return exit_code
@@ -162,7 +172,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     def mount(app: Any) -> None:
         app.mount("/sandbox", create_sandbox_app(state))
 
-    return _run(config, args.host, args.port, mount, lock)
+    # The simulated Clopos is called on the public port, also when OPS_PORT is set.
+    return _run(config, args.host, args.port, mount, lock, ("/sandbox/",))
 
 
 def _reset_store(config: Config) -> None:
@@ -194,12 +205,15 @@ def _shown(value: str | None, name: str) -> str:
 def _print_banner(public: str, secret: str | None, config: Config) -> None:
     admin = config.settings.admin_token
     admin_value = admin.get_secret_value() if admin is not None else None
+    settings = config.settings
+    # With OPS_PORT, health, metrics and admin are on their own listener.
+    ops = public if settings.ops_port is None else f"http://{settings.ops_host}:{settings.ops_port}"
     lines = [
         "=" * 72,
         "  SANDBOX MODE: Clopos is simulated in this process. No real Clopos is called.",
         "=" * 72,
         f"  webhook (default brand 'sandbox'): POST {public}/webhooks/clopos",
-        f"  health / readiness / metrics:      {public}/healthz  {public}/readyz  {public}/metrics",
+        f"  health / readiness / metrics:      {ops}/healthz  {ops}/readyz  {ops}/metrics",
         f"  simulated Clopos API:              {public}/sandbox/open-api/v2/orders/1001",
         f"  sandbox control:                   {public}/sandbox/_sandbox/stats",
         f"  store:                             {_store_shown(config.settings.database_url)}",
@@ -217,7 +231,7 @@ def _print_banner(public: str, secret: str | None, config: Config) -> None:
         lines += [
             "",
             f"  Admin API: -H 'Authorization: Bearer {_shown(admin_value, 'ADMIN_TOKEN')}'",
-            f"    e.g. GET {public}/admin/dead-letters",
+            f"    e.g. GET {ops}/admin/dead-letters",
         ]
     lines.append("=" * 72)
     print("\n".join(lines), file=sys.stderr, flush=True)

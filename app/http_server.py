@@ -19,25 +19,39 @@ before any ASGI code runs:
 - **Connections** (``HTTP_MAX_CONNECTIONS``): one more is answered 503 and closed at
   once; uvicorn's ``limit_concurrency`` also bounds requests in progress.
 
-``serve`` and ``sandbox`` both build their server with :func:`build_server`.
+**Two listeners** (``OPS_PORT``): ``/metrics`` and ``/readyz`` name the brands and
+``/admin/*`` is the operator's API, so they can be kept off the public listener. With
+``OPS_PORT`` set, the public port (``--port``) serves only the webhook routes and
+``/healthz`` (everything else is a 404 there), and the whole app is also served on
+``OPS_HOST:OPS_PORT`` (default host 127.0.0.1). Both listeners share one app, one runtime
+and one event loop; the public one owns the lifespan and the signals, the ops one stops
+with it.
+
+``serve`` and ``sandbox`` both build their listeners with :func:`build_listeners`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import httptools
 import uvicorn
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.errors import ConfigError
 from app.logs import get_logger
 from app.settings import Settings
 
 log = get_logger("app.http")
 
+Lifespan = Literal["auto", "on", "off"]
 # Refusals are logged at most this often (with a count): a flood must not flood the log.
 _REFUSAL_LOG_INTERVAL_SECONDS = 10.0
 
@@ -212,14 +226,23 @@ def guarded_protocol(limits: HttpLimits) -> type[GuardedHttpToolsProtocol]:
     return bound
 
 
-def build_server(app: Any, *, host: str, port: int, settings: Settings) -> uvicorn.Server:
-    """The one place the listener is configured (``serve`` and ``sandbox``)."""
+def build_server(
+    app: Any, *, host: str, port: int, settings: Settings, lifespan: Lifespan = "auto"
+) -> uvicorn.Server:
+    """One listener, with the limits above."""
+    return uvicorn.Server(_config(app, host=host, port=port, settings=settings, lifespan=lifespan))
+
+
+def _config(
+    app: Any, *, host: str, port: int, settings: Settings, lifespan: Lifespan
+) -> uvicorn.Config:
     limits = HttpLimits.from_settings(settings)
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
         http=guarded_protocol(limits),
+        lifespan=lifespan,
         log_config=None,  # our logging, configured already
         access_log=False,  # our access line has the request id
         # Connections get a few seconds; the runtime has its own grace after that.
@@ -229,4 +252,94 @@ def build_server(app: Any, *, host: str, port: int, settings: Settings) -> uvico
         # counts the asking connection too, hence the one more than the cap above.
         limit_concurrency=limits.max_connections + 1,
     )
-    return uvicorn.Server(config)
+
+
+# --- one listener, or a public one and an ops one -------------------------------------------
+
+# What the public listener serves when the ops routes have their own: the webhooks, and
+# the liveness probe (it says nothing but "ok").
+PUBLIC_PREFIXES = ("/webhooks/",)
+PUBLIC_PATHS = frozenset({"/healthz"})
+
+
+class PublicOnly:
+    """The public listener's app when ``OPS_PORT`` is set: the webhook routes (and
+    ``/healthz``) pass, every other path is a plain 404 that names nothing."""
+
+    def __init__(self, app: ASGIApp, prefixes: tuple[str, ...]) -> None:
+        self.app = app
+        self.prefixes = prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if path not in PUBLIC_PATHS and not path.startswith(self.prefixes):
+                response = JSONResponse({"error": "not_found", "message": "Not Found"}, 404)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)  # lifespan, and the public routes
+
+
+class _OpsServer(uvicorn.Server):
+    """The ops listener: the public one handles signals and the lifespan; this one
+    stops when that one does."""
+
+    def __init__(self, config: uvicorn.Config, leader: uvicorn.Server) -> None:
+        super().__init__(config)
+        self.leader = leader
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.leader.should_exit:
+            return True
+        return await super().on_tick(counter)
+
+
+@dataclass
+class Listeners:
+    """The public listener (``main``: lifespan, signals, exit) and the optional ops one."""
+
+    main: uvicorn.Server
+    ops: uvicorn.Server | None = field(default=None)
+
+    async def serve(self) -> None:
+        main = asyncio.create_task(self.main.serve())
+        ops = asyncio.create_task(self._serve_ops(main)) if self.ops is not None else None
+        try:
+            await main
+        finally:
+            if ops is not None and self.ops is not None:
+                self.ops.should_exit = True
+                await asyncio.gather(ops, return_exceptions=True)
+
+    async def _serve_ops(self, main: asyncio.Task[None]) -> None:
+        assert self.ops is not None
+        # Not before the runtime has started (the public listener's lifespan does that).
+        while not self.main.started:
+            if main.done():
+                return
+            await asyncio.sleep(0.05)
+        await self.ops.serve()
+        if not self.ops.started:  # could not bind: stop the service rather than run half
+            log.critical("service.ops_listener_failed", port=self.ops.config.port)
+            self.main.should_exit = True
+
+
+def build_listeners(
+    app: Any, *, host: str, port: int, settings: Settings, public_prefixes: tuple[str, ...] = ()
+) -> Listeners:
+    """The listener(s) ``serve`` and ``sandbox`` run: one for everything, or with
+    ``OPS_PORT`` a public one for the webhooks and an ops one for the rest."""
+    if settings.ops_port is None:
+        return Listeners(build_server(app, host=host, port=port, settings=settings))
+    if settings.ops_port == port:
+        raise ConfigError("OPS_PORT", f"must differ from the public port ({port})")
+    public = PublicOnly(app, PUBLIC_PREFIXES + public_prefixes)
+    main = build_server(public, host=host, port=port, settings=settings)
+    ops_config = _config(
+        app, host=settings.ops_host, port=settings.ops_port, settings=settings, lifespan="off"
+    )
+    return Listeners(main, _OpsServer(ops_config, main))

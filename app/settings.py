@@ -148,6 +148,10 @@ class Settings(BaseSettings):
     http_request_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     # Open connections; one more is answered 503 and closed.
     http_max_connections: int = Field(default=1000, ge=1, le=100_000)
+    # Set to serve /metrics, /readyz and /admin/* on their own listener (they name the
+    # brands): the public port then serves only /webhooks/* and /healthz.
+    ops_port: int | None = Field(default=None, ge=1, le=65535)
+    ops_host: str = Field(default="127.0.0.1", min_length=1)
 
     # --- Store ---
     database_url: str = "sqlite:///./data/hydrator.db"
