@@ -15,7 +15,7 @@ from typing import Any
 
 import uvloop
 
-from app import cli_ops, healthcheck
+from app import cli_ops, healthcheck, tracing
 from app.cli_ops import add_command
 from app.errors import ConfigError, StoreError
 from app.logs import configure_logging, get_logger
@@ -49,7 +49,10 @@ def _config(overrides: dict[str, Any] | None = None) -> Config:
 def _setup_logging(config: Config) -> None:
     settings = config.settings
     configure_logging(
-        fmt=settings.log_format, level=settings.log_level, secrets=config.secret_values()
+        fmt=settings.log_format,
+        level=settings.log_level,
+        secrets=config.secret_values(),
+        trace_ids=tracing.tracing_requested(os.environ),
     )
 
 
@@ -110,7 +113,7 @@ async def _serve(
     from app.runtime import Runtime
     from app.service import create_app
 
-    runtime = Runtime(config)
+    runtime = Runtime(config, tracer_provider=tracing.start_tracing(os.environ))
     app = create_app(config, runtime=runtime)
     if mount is not None:
         mount(app)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
+from opentelemetry.trace import Tracer
 
+from app import tracing
 from app.errors import SinkError, SinkPermanentError, SinkRetryableError
 from app.logs import get_logger
 from app.retry import RetryPolicy
@@ -54,7 +56,9 @@ class SinkDeliverer:
         breaker: CircuitBreaker,
         observer: DeliveryObserver,
         clock: Callable[[], float] = time.time,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._tracer = tracer
         self._observer = observer
         # When the last retry this deliverer scheduled comes due (see idle()).
         self._retries_until = 0.0
@@ -109,6 +113,26 @@ class SinkDeliverer:
         return max(minimum, 2 * self.sink.timeout_seconds + 5)
 
     async def process(self, delivery: Delivery) -> None:
+        """One attempt with its log line and metrics, traced (when tracing is on) as a
+        ``delivery`` span in the notification's trace."""
+        with tracing.job_span(
+            self._tracer,
+            "delivery",
+            delivery.traceparents,
+            {
+                "clopos.brand": delivery.brand,
+                "clopos.order_id": delivery.order_id,
+                "clopos.sink": self.sink.name,
+                "clopos.sink_kind": self.sink.kind,
+                "clopos.delivery_id": delivery.id,
+                "clopos.attempt": delivery.attempts + 1,
+                "clopos.webhook_id": delivery.snapshot_key,
+            },
+        ) as span:
+            attempt = await self._process(delivery)
+            tracing.finish(span, attempt.outcome, attempt.detail)
+
+    async def _process(self, delivery: Delivery) -> DeliveryAttempt:
         """One attempt, then its canonical log line (``delivery.finished``) and metrics."""
         structlog.contextvars.bind_contextvars(
             brand=delivery.brand,
@@ -133,6 +157,7 @@ class SinkDeliverer:
             retry_in_s=round(attempt.delay, 1) if attempt.delay is not None else None,
             detail=attempt.detail or None,
         )
+        return attempt
 
     async def run(self, delivery: Delivery) -> DeliveryAttempt:
         """Send, then record the outcome in the store and the breaker."""

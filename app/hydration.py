@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
+from opentelemetry.trace import Tracer
 
+from app import tracing
 from app.errors import (
     CloposCredentialsRejected,
     CloposError,
@@ -115,7 +117,9 @@ class Hydrator:
         observer: AttemptObserver,
         on_stored: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._tracer = tracer
         self._observer = observer
         self._on_stored = on_stored
         self._store = store
@@ -127,6 +131,24 @@ class Hydrator:
         self._clock = clock
 
     async def process(self, job: HydrationJob) -> None:
+        """One attempt with its log line and metrics, traced (when tracing is on) as a
+        ``hydration`` span in the notification's trace."""
+        with tracing.job_span(
+            self._tracer,
+            "hydration",
+            job.traceparents,
+            {
+                "clopos.brand": job.brand,
+                "clopos.order_id": job.order_id,
+                "clopos.job_id": job.id,
+                "clopos.attempt": job.attempts + 1,
+                "clopos.notifications": len(job.notification_ids),
+            },
+        ) as span:
+            attempt = await self._process(job)
+            tracing.finish(span, attempt.outcome, attempt.detail)
+
+    async def _process(self, job: HydrationJob) -> Attempt:
         """One attempt, then its canonical log line (``hydration.finished``) and metrics."""
         # The try number, 404s included: the same count a dead letter records as attempts
         # (a 404 is not a failed attempt for backoff, but it is a try the operator sees).
@@ -151,6 +173,7 @@ class Hydrator:
             retry_in_s=round(attempt.delay, 1) if attempt.delay is not None else None,
             detail=attempt.detail or None,
         )
+        return attempt
 
     async def run(self, job: HydrationJob) -> Attempt:
         """Fetch, build the snapshot and record the outcome in the store."""

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
-from app import http_errors, ids, signing
+from app import http_errors, ids, signing, tracing
 from app.errors import ApiError, StoreError
 from app.logs import get_logger
 from app.runtime import Runtime, RuntimeDep
@@ -184,6 +184,10 @@ async def _accept(runtime: Runtime, request: Request, brand: str) -> JSONRespons
         received_at=time.time(),
         dedup_key=dedup_key,
         signed_at=signed_at,
+        # Stored so that hydration and delivery join this request's trace.
+        traceparent=(
+            tracing.note_order(brand, notice.order_id) if runtime.tracer is not None else None
+        ),
     )
     try:
         async with asyncio.timeout(STORE_TIMEOUT_SECONDS):
@@ -272,6 +276,21 @@ WEBHOOK_DOCS: dict[str, Any] = {
 
 
 async def handle(runtime: Runtime, request: Request, brand: str | None) -> Response:
+    """Answer one webhook request; traced as ``webhook.receive`` when tracing is on."""
+    if runtime.tracer is None:
+        return await _respond(runtime, request, brand)
+    route = "/webhooks/clopos" if brand is None else "/webhooks/clopos/{brand}"
+    attributes = {"http.request.method": "POST", "http.route": route}
+    with tracing.request_span(
+        runtime.tracer, "webhook.receive", request.headers, attributes
+    ) as span:
+        response = await _respond(runtime, request, brand)
+        if span is not None:
+            span.set_attribute("http.response.status_code", response.status_code)
+        return response
+
+
+async def _respond(runtime: Runtime, request: Request, brand: str | None) -> Response:
     route = "default" if brand is None else "brand"
     runtime.metrics.received.labels(route).inc()
     try:

@@ -118,17 +118,40 @@ class _ScrubRenderedTraceback:
 
 
 LOG_SINK_LOGGER = "app.sinks.log"
+
+
+def add_trace_ids(logger: Any, method: str, event: Any) -> Any:
+    """structlog processor: the current span's ``trace_id`` and ``span_id`` (hex, as
+    tracing backends show them) on every line logged inside a span."""
+    from opentelemetry import trace  # only configured when tracing is on
+
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        event.setdefault("trace_id", format(span_context.trace_id, "032x"))
+        event.setdefault("span_id", format(span_context.span_id, "016x"))
+    return event
+
+
 REDACTOR = Redactor()
 """Process-wide: secrets are process-wide too, and stdlib logging is global anyway."""
 
 
 def configure_logging(
-    *, fmt: str = "json", level: str = "info", secrets: Iterable[str] = (), stream: Any = None
+    *,
+    fmt: str = "json",
+    level: str = "info",
+    secrets: Iterable[str] = (),
+    stream: Any = None,
+    trace_ids: bool = False,
 ) -> None:
-    """Configure structlog and the stdlib root logger (uvicorn's logs included)."""
+    """Configure structlog and the stdlib root logger (uvicorn's logs included).
+
+    ``trace_ids`` (when tracing is on) adds the current span's trace_id and span_id to
+    every line logged inside a span."""
     REDACTOR.add(*secrets)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        *([add_trace_ids] if trace_ids else []),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

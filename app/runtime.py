@@ -14,11 +14,13 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import httpx
 from fastapi import Depends, Request
+from opentelemetry.trace import Tracer
 
+from app import tracing
 from app.clopos import CloposClient, LocalRateBudget, make_http_client
 from app.delivery import SinkDeliverer
 from app.errors import StoreError
@@ -37,6 +39,9 @@ from app.status import BrandStatus, Check, ServiceStatus, SinkStatus, Thresholds
 from app.store import open_store
 from app.store.base import Delivery, HydrationJob, QueueStats, Store
 from app.workers import WorkLoop
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = get_logger("app.runtime")
 PRUNE_INTERVAL_SECONDS = 3600.0
@@ -57,8 +62,17 @@ def build_sinks(config: Config) -> list[Sink]:
 
 
 class Runtime:
-    def __init__(self, config: Config, *, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: Store | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.config = config
+        # None unless tracing is on (app/tracing.py): every span site checks it first.
+        self.tracer_provider = tracer_provider
+        self.tracer: Tracer | None = tracing.get_tracer(tracer_provider)
         settings = config.settings
         self.store: Store = store or open_store(settings.database_url)
         self.metrics = Metrics()
@@ -87,6 +101,7 @@ class Runtime:
                 rejected_cooldown_seconds=min(60.0, settings.paused_brand_retry_seconds),
                 # Waiting for the budget must end well inside the job's lease.
                 budget_wait_limit=settings.lease_seconds / 2,
+                tracer=self.tracer,
             )
             for name, brand in config.brands.items()
         }
@@ -99,6 +114,7 @@ class Runtime:
                 policy=self.policy,
                 breaker=self._breaker_for(index),
                 observer=self.metrics,
+                tracer=self.tracer,
             )
             for index, sink in enumerate(self.sinks)
         }
@@ -111,6 +127,7 @@ class Runtime:
             on_credentials_rejected=self.paused.pause,
             observer=self.metrics,
             on_stored=self.wake_deliveries,
+            tracer=self.tracer,
         )
         self.hydration_loop: WorkLoop[HydrationJob] = WorkLoop(
             "hydration",
@@ -343,6 +360,8 @@ class Runtime:
                 await sink.aclose()
         await self.http.aclose()
         await self.store.close()
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()  # exports the spans still buffered
         log.info("service.stopped")
 
 

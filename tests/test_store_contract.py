@@ -416,6 +416,25 @@ async def test_delivery_carries_the_snapshot(store: Store) -> None:
     assert await deliveries(store, "http", now=T0 + 1000) == []
 
 
+TRACE_A = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+TRACE_B = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+async def test_traceparents_travel_from_the_notices_to_their_fetch_and_deliveries(
+    store: Store,
+) -> None:
+    await store.enqueue(notice(7, traceparent=TRACE_A))
+    await store.enqueue(notice(7, T0 + 1))  # the poller's, or tracing off: none
+    await store.enqueue(notice(7, T0 + 2, traceparent=TRACE_B))
+    job = await claim_one(store, T0 + 3)
+    assert job.traceparents == (TRACE_A, TRACE_B)  # oldest first, the missing one left out
+    await store.complete_hydration(job, snap("snap_a", T0 + 3), ["http"], now=T0 + 3)
+    (delivery,) = await deliveries(store, "http", now=T0 + 4)
+    assert delivery.traceparents == (TRACE_A, TRACE_B)
+    await store.enqueue(notice(8))
+    assert (await claim_one(store, T0 + 5)).traceparents == ()
+
+
 async def test_newer_snapshot_supersedes_an_undelivered_older_one(store: Store) -> None:
     await hydrate(store, 7, "v1")
     await hydrate(store, 7, "v2", now=T0 + 1)

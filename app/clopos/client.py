@@ -37,8 +37,9 @@ from typing import Any, NoReturn
 from urllib.parse import quote, urlencode
 
 import httpx
+from opentelemetry.trace import Tracer
 
-from app import ids
+from app import ids, tracing
 from app.clopos.budget import RateBudget, retry_after_seconds
 from app.errors import (
     CloposCredentialsRejected,
@@ -224,6 +225,7 @@ class CloposClient:
         auth_window_seconds: float = 60.0,
         rejected_cooldown_seconds: float = 60.0,
         budget_wait_limit: float = 30.0,
+        tracer: Tracer | None = None,
     ) -> None:
         self.brand = brand
         self._base = base_url.rstrip("/")
@@ -236,6 +238,7 @@ class CloposClient:
         self._auth_window = auth_window_seconds
         self._rejected_cooldown = rejected_cooldown_seconds
         self._budget_wait_limit = budget_wait_limit
+        self._tracer = tracer  # None unless tracing is on: a span per API call
 
         self.auth_calls = 0
         self.calls_by_status: dict[str, int] = {}
@@ -274,7 +277,7 @@ class CloposClient:
             )
         _check_venue(venue_id)
         url = f"{self._base}/v2/orders/{order_id}?{RECEIPT_QUERY}"
-        body = await self._api_get(url, venue_id)
+        body = await self._api_get(url, venue_id, route="/v2/orders/{id}")
         data = body.get("data")
         if not isinstance(data, dict):
             raise CloposPermanentError("response has no 'data' object", status=200)
@@ -316,7 +319,7 @@ class CloposClient:
         if with_receipt:
             pairs.append(("with[0]", RECEIPT_WITH))
         url = f"{self._base}/v2/orders?{urlencode(pairs, quote_via=quote)}"
-        body = await self._api_get(url, venue_id)
+        body = await self._api_get(url, venue_id, route="/v2/orders")
         data = body.get("data")
         if not isinstance(data, list) or not all(isinstance(o, dict) for o in data):
             raise CloposPermanentError("response has no 'data' list of orders", status=200)
@@ -324,12 +327,12 @@ class CloposClient:
 
     # --- authenticated calls ------------------------------------------------------------
 
-    async def _api_get(self, url: str, venue_id: str | None) -> dict[str, Any]:
+    async def _api_get(self, url: str, venue_id: str | None, *, route: str) -> dict[str, Any]:
         """GET an API route; refresh the token and retry once on an auth refusal."""
-        response, token = await self._authenticated_get(url, venue_id)
+        response, token = await self._authenticated_get(url, venue_id, route)
         body = _json_object(response)
         if response.status_code == 401 or _looks_like_auth(body):
-            response, token = await self._authenticated_get(url, venue_id, stale=token)
+            response, token = await self._authenticated_get(url, venue_id, route, stale=token)
             body = _json_object(response)
         error = _error_for(response, body)
         if error is not None:
@@ -339,19 +342,29 @@ class CloposClient:
         return body
 
     async def _authenticated_get(
-        self, url: str, venue_id: str | None, *, stale: str | None = None
+        self, url: str, venue_id: str | None, route: str, *, stale: str | None = None
     ) -> tuple[httpx.Response, str]:
         """One budgeted call. The budget is waited for *before* the token is taken, so
-        a wait for the budget (up to a minute) never sends a token that expired meanwhile."""
-        tenant = self.brand.tenant
-        await self._acquire_budget(tenant)
-        token = await self._ensure_token(stale)
-        headers = {"x-token": token, "accept": "application/json"}
-        if venue_id is not None:
-            headers["x-venue"] = str(venue_id)
-        started = time.perf_counter()
-        response = await self._send("GET", url, headers=headers, count=True)
-        self._budget.observe(tenant, status=response.status_code, headers=response.headers)
+        a wait for the budget (up to a minute) never sends a token that expired meanwhile.
+
+        Traced (when on) as a CLIENT span named for the route template (``route``), with
+        the status and how long the budget made the call wait."""
+        attributes = {"http.request.method": "GET", "url.template": route}
+        with tracing.client_span(self._tracer, f"GET {route}", attributes) as span:
+            tenant = self.brand.tenant
+            waited = time.perf_counter()
+            await self._acquire_budget(tenant)
+            budget_wait = time.perf_counter() - waited
+            token = await self._ensure_token(stale)
+            headers = {"x-token": token, "accept": "application/json"}
+            if venue_id is not None:
+                headers["x-venue"] = str(venue_id)
+            started = time.perf_counter()
+            response = await self._send("GET", url, headers=headers, count=True)
+            self._budget.observe(tenant, status=response.status_code, headers=response.headers)
+            if span is not None:
+                span.set_attribute("http.response.status_code", response.status_code)
+                span.set_attribute("clopos.budget_wait_ms", round(budget_wait * 1000, 1))
         log.debug(
             "clopos.request",
             brand=self.brand.brand,

@@ -34,7 +34,7 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
-from app import __version__
+from app import __version__, tracing
 from app.clopos.transport import make_http_client
 from app.errors import ConfigError, SinkPermanentError, SinkRetryableError
 from app.logs import get_logger
@@ -177,7 +177,7 @@ class HttpSink:
 
     def _signed_headers(self, delivery: Delivery) -> dict[str, str]:
         timestamp = int(self._clock())
-        return {
+        headers = {
             **self._headers,
             "content-type": "application/json",
             "webhook-id": delivery.snapshot_key,
@@ -186,6 +186,8 @@ class HttpSink:
                 self._secrets, delivery.snapshot_key, timestamp, delivery.body
             ),
         }
+        tracing.inject(headers)  # W3C traceparent of the delivery span, when tracing is on
+        return headers
 
     async def _send(self, request: httpx.Request, deadline: float) -> httpx.Response:
         """Send and wait for the status line; translate httpx failures at this boundary."""

@@ -61,6 +61,8 @@ class Notification:
     source: Literal["webhook", "poller", "admin", "replay"] = "webhook"
     # Forced hydrations deliver even if the state is unchanged (admin "hydrate now").
     force: bool = False
+    # W3C traceparent of the ingest span (app/tracing.py); None when tracing is off.
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class HydrationJob:
     notification_ids: tuple[int, ...]
     first_received_at: float
     created_at: float
+    # The covered notifications' traceparents (oldest first; those without one left out).
+    traceparents: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,8 @@ class Delivery:
     lease_token: str
     created_at: float
     first_received_at: float  # when the oldest notification behind it arrived
+    # Traceparents of the notifications behind the snapshot (oldest first, at most 32).
+    traceparents: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

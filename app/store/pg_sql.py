@@ -65,10 +65,11 @@ WHERE id = %(id)s
 """
 INSERT_NOTIFICATION = """
 INSERT INTO notifications (
-    job_id, brand, order_id, venue_id, dedup_key, signed_at, source, force, received_at
+    job_id, brand, order_id, venue_id, dedup_key, signed_at, source, force, received_at,
+    traceparent
 ) VALUES (
     %(job_id)s, %(brand)s, %(order_id)s, %(venue_id)s, %(dedup_key)s, %(signed_at)s,
-    %(source)s, %(force)s, %(received_at)s
+    %(source)s, %(force)s, %(received_at)s, %(traceparent)s
 )
 RETURNING id
 """
@@ -110,10 +111,10 @@ RETURNING j.*, s.first_received_at AS uncovered_since
 """
 # The newest notices each claimed job covers (at most :limit per job), oldest first.
 CLAIMED_NOTIFICATION_IDS = """
-SELECT j.id AS job_id, n.id
+SELECT j.id AS job_id, n.id, n.traceparent
 FROM unnest(%(ids)s::bigint[], %(max_ids)s::bigint[]) AS j (id, max_id)
 CROSS JOIN LATERAL (
-    SELECT id FROM notifications
+    SELECT id, traceparent FROM notifications
     WHERE job_id = j.id AND snapshot_id IS NULL AND id <= j.max_id
     ORDER BY id DESC LIMIT %(limit)s
 ) AS n
@@ -250,7 +251,12 @@ FROM snapshots AS s
 WHERE d.id = %(id)s AND s.id = d.snapshot_id
   AND ((d.status = 'pending' AND d.retry_at <= %(now)s)
        OR (d.status = 'running' AND d.lease_until <= {LEASE_NOW}))
-RETURNING d.*, s.key AS snapshot_key, s.body AS body
+RETURNING d.*, s.key AS snapshot_key, s.body AS body,
+    ARRAY(
+        SELECT n.traceparent FROM notifications AS n
+        WHERE n.snapshot_id = d.snapshot_id AND n.traceparent IS NOT NULL
+        ORDER BY n.id LIMIT 32
+    ) AS traceparents
 """
 COMPLETE_DELIVERY = """
 UPDATE deliveries SET

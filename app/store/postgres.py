@@ -512,6 +512,7 @@ async def _enqueue(conn: Conn, notice: Notification) -> EnqueueResult:
             "source": notice.source,
             "force": notice.force,
             "received_at": notice.received_at,
+            "traceparent": notice.traceparent,
         },
     )
     assert row is not None
@@ -562,6 +563,7 @@ async def _claim_hydrations(conn: Conn, params: dict[str, Any]) -> list[Hydratio
     rows = await (await conn.execute(sql.CLAIM_JOBS, {**params, "ids": picked})).fetchall()
     rows.sort(key=lambda row: (row["retry_at"], row["id"]))
     covered: dict[int, list[int]] = {row["id"]: [] for row in rows}
+    traces: dict[int, list[str]] = {row["id"]: [] for row in rows}
     id_rows = await conn.execute(
         sql.CLAIMED_NOTIFICATION_IDS,
         {
@@ -572,10 +574,14 @@ async def _claim_hydrations(conn: Conn, params: dict[str, Any]) -> list[Hydratio
     )
     for id_row in await id_rows.fetchall():
         covered[id_row["job_id"]].append(id_row["id"])
-    return [_hydration_job(row, covered[row["id"]]) for row in rows]
+        if id_row["traceparent"]:
+            traces[id_row["job_id"]].append(id_row["traceparent"])
+    return [_hydration_job(row, covered[row["id"]], traces[row["id"]]) for row in rows]
 
 
-def _hydration_job(row: DictRow, notification_ids: list[int]) -> HydrationJob:
+def _hydration_job(
+    row: DictRow, notification_ids: list[int], traceparents: list[str]
+) -> HydrationJob:
     first_received_at = row["pending_since"]
     if first_received_at is None:
         first_received_at = row["uncovered_since"] or row["created_at"]
@@ -592,6 +598,7 @@ def _hydration_job(row: DictRow, notification_ids: list[int]) -> HydrationJob:
         notification_ids=tuple(notification_ids),
         first_received_at=first_received_at,
         created_at=row["created_at"],
+        traceparents=tuple(traceparents),
     )
 
 
@@ -790,6 +797,7 @@ async def _claim_delivery(conn: Conn, params: dict[str, Any], row: DictRow) -> D
         lease_token=claim["lease_token"],
         created_at=claim["created_at"],
         first_received_at=claim["first_received_at"],
+        traceparents=tuple(claim["traceparents"]),
     )
 
 

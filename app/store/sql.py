@@ -60,10 +60,11 @@ WHERE id = :id
 """
 INSERT_NOTIFICATION = """
 INSERT INTO notifications (
-    job_id, brand, order_id, venue_id, dedup_key, signed_at, source, force, received_at
+    job_id, brand, order_id, venue_id, dedup_key, signed_at, source, force, received_at,
+    traceparent
 ) VALUES (
     :job_id, :brand, :order_id, :venue_id, :dedup_key, :signed_at, :source, :force,
-    :received_at
+    :received_at, :traceparent
 )
 """
 
@@ -93,7 +94,7 @@ WHERE id = :id
 RETURNING *
 """
 RECENT_UNCOVERED_IDS = """
-SELECT id FROM notifications
+SELECT id, traceparent FROM notifications
 WHERE job_id = :job_id AND snapshot_id IS NULL AND id <= :max_id
 ORDER BY id DESC LIMIT :limit
 """
@@ -222,7 +223,12 @@ UPDATE deliveries SET
 WHERE id = :id
 """
 CLAIMED_DELIVERY = """
-SELECT d.*, s.key AS snapshot_key, s.body AS body
+SELECT d.*, s.key AS snapshot_key, s.body AS body,
+    (SELECT json_group_array(traceparent) FROM (
+        SELECT traceparent FROM notifications
+        WHERE snapshot_id = d.snapshot_id AND traceparent IS NOT NULL
+        ORDER BY id LIMIT 32
+    )) AS traceparents
 FROM deliveries AS d JOIN snapshots AS s ON s.id = d.snapshot_id
 WHERE d.id = :id
 """

@@ -462,6 +462,7 @@ def _enqueue(conn: Conn, notice: Notification) -> EnqueueResult:
             "source": notice.source,
             "force": int(notice.force),
             "received_at": notice.received_at,
+            "traceparent": notice.traceparent,
         },
     )
     return EnqueueResult(notification_id=cursor.lastrowid, job_id=job_id, coalesced=coalesced)
@@ -569,6 +570,7 @@ def _claim_job(conn: Conn, job_id: int, now: float, lease_seconds: float) -> Hyd
         notification_ids=tuple(r["id"] for r in reversed(newest_first)),
         first_received_at=first_received_at,
         created_at=row["created_at"],
+        traceparents=tuple(r["traceparent"] for r in reversed(newest_first) if r["traceparent"]),
     )
 
 
@@ -788,6 +790,7 @@ def _claim_delivery(conn: Conn, delivery_id: int, now: float, lease_seconds: flo
         lease_token=token,
         created_at=row["created_at"],
         first_received_at=row["first_received_at"],
+        traceparents=tuple(json.loads(row["traceparents"])),
     )
 
 
