@@ -22,6 +22,7 @@ from opentelemetry.trace import Tracer
 
 from app import tracing
 from app.clopos import CloposClient, LocalRateBudget, make_http_client
+from app.clopos.budget import RateBudget
 from app.delivery import SinkDeliverer
 from app.errors import StoreError
 from app.hydration import Hydrator
@@ -89,7 +90,10 @@ class Runtime:
             max_connections=settings.clopos_max_connections,
         )
         # The store keeps the spend, so a restarted process knows what its last minute cost.
-        self.budget = LocalRateBudget(settings.clopos_rate_limit_per_minute, ledger=self.store)
+        # A budget shared by replicas implements the same port (RateBudget).
+        self.budget: RateBudget = LocalRateBudget(
+            settings.clopos_rate_limit_per_minute, ledger=self.store
+        )
         self.clients: dict[str, CloposClient] = {
             name: CloposClient(
                 brand,
