@@ -492,14 +492,10 @@ class Poller:
             return
         known = await self._store.known_states(brand, [o.order_id for o in candidates])
         changed = changed_orders(brand, candidates, known)
-        # Concurrently, so the store commits them together (one group commit, not N).
-        results = await asyncio.gather(*(self._enqueue(brand, o, now) for o in changed))
-        progress.enqueued += sum(1 for new in results if new)
-        progress.duplicates += sum(1 for new in results if not new)
-
-    async def _enqueue(self, brand: str, order: ListedOrder, now: float) -> bool:
-        """Enqueue one changed order; True when it was new (not a repeat of a poll)."""
-        result = await self._store.enqueue(
+        if not changed:
+            return
+        # One transaction and one commit for the whole page, not one per order.
+        notices = [
             Notification(
                 brand=brand,
                 order_id=order.order_id,
@@ -508,15 +504,19 @@ class Poller:
                 dedup_key=dedup_key(brand, order),
                 source="poller",
             )
-        )
-        if result.duplicate:
-            return False
-        log.info(
-            "poller.order_changed",
-            order_id=order.order_id,
-            updated_at=order.updated_at,
-            job_id=result.job_id,
-            notification_id=result.notification_id,
-            coalesced=result.coalesced,
-        )
-        return True
+            for order in changed
+        ]
+        results = await self._store.enqueue_many(notices)
+        for order, result in zip(changed, results, strict=True):
+            if result.duplicate:
+                progress.duplicates += 1
+                continue
+            progress.enqueued += 1
+            log.info(
+                "poller.order_changed",
+                order_id=order.order_id,
+                updated_at=order.updated_at,
+                job_id=result.job_id,
+                notification_id=result.notification_id,
+                coalesced=result.coalesced,
+            )

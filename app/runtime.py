@@ -38,7 +38,7 @@ from app.sinks.http import HttpSink
 from app.sinks.log import LogSink
 from app.status import BrandStatus, Check, ServiceStatus, SinkStatus, Thresholds, readiness_checks
 from app.store import open_store
-from app.store.base import Delivery, HydrationJob, QueueStats, Store
+from app.store.base import Delivery, HydrationJob, QueueStats, Store, WorkKind
 from app.workers import WorkLoop
 
 if TYPE_CHECKING:
@@ -211,6 +211,12 @@ class Runtime:
     def wake_hydration(self) -> None:
         self.hydration_loop.wake()
 
+    def _wake_for(self, kind: WorkKind) -> None:
+        if kind == "hydration":
+            self.wake_hydration()
+        else:
+            self.wake_deliveries()
+
     def wake_deliveries(self) -> None:
         for loop in self.delivery_loops.values():
             loop.wake()
@@ -317,6 +323,9 @@ class Runtime:
         for name, loop in self.delivery_loops.items():
             self._spawn(f"delivery:{name}", loop.run())
         self._spawn("prune", self._prune_forever())
+        # Work another replica made due (PostgreSQL) wakes our workers now, not at their
+        # next poll.
+        self._spawn("work-watch", self.store.watch_work(self._wake_for))
         self._spawn("brand-probe", self._probe_paused_brands())
         if self.poller is not None:
             self._spawn("poller", self.poller.run())

@@ -934,3 +934,29 @@ async def test_budget_spend_older_than_two_minutes_is_forgotten(store: Store) ->
     assert (await store.budget_spend_since(0))["i:a"].times == (T0, T0 + 100)
     await store.record_budget_spend("i:a", at=T0 + 121, limit=300)
     assert (await store.budget_spend_since(0))["i:a"].times == (T0 + 100, T0 + 121)
+
+
+# --- enqueue_many ---------------------------------------------------------------------------
+
+
+async def test_enqueue_many_answers_each_notice_as_enqueue_would(store: Store) -> None:
+    first = await store.enqueue(notice(5, dedup_key="seen"))
+    results = await store.enqueue_many(
+        [
+            notice(9, T0 + 1),
+            notice(5, T0 + 1, dedup_key="seen"),  # a repeat of an earlier message
+            notice(8, T0 + 1, dedup_key="new"),
+            notice(9, T0 + 2),  # the same order twice in one batch: one job
+            notice(8, T0 + 2, dedup_key="new"),  # a repeat within the batch
+        ]
+    )
+    assert [r.duplicate for r in results] == [False, True, False, False, True]
+    assert results[1].job_id == first.job_id
+    assert results[3].job_id == results[0].job_id
+    assert (results[0].coalesced, results[3].coalesced) == (False, True)
+    assert results[4].job_id == results[2].job_id
+    jobs = {job.order_id: job for job in await claim(store, now=T0 + 5)}
+    assert sorted(jobs) == [5, 8, 9]
+    assert jobs[9].notification_ids == (results[0].notification_id, results[3].notification_id)
+    assert jobs[8].notification_ids == (results[2].notification_id,)
+    assert await store.enqueue_many([]) == []

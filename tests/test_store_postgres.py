@@ -8,9 +8,10 @@ has its own connection pool, exactly as separate processes would). The contract 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import psycopg
 import pytest
@@ -208,3 +209,31 @@ def test_a_malformed_postgresql_url_is_a_config_error() -> None:
         with pytest.raises(ConfigError) as info:
             open_store(url)
         assert info.value.variable == "DATABASE_URL"
+
+
+async def test_work_one_replica_adds_wakes_the_workers_of_the_others(
+    replicas: list[PostgresStore],
+) -> None:
+    writer, listener = replicas[0], replicas[1]
+    woken: list[str] = []
+    watch = asyncio.create_task(listener.watch_work(woken.append))
+    try:
+        await wait_for(lambda: {"hydration", "delivery"} <= set(woken))  # listening now
+        woken.clear()
+        await writer.enqueue(notice(7))
+        await wait_for(lambda: woken == ["hydration"])
+        (job,) = await writer.claim_hydrations(limit=1, now=T0, lease_seconds=LEASE)
+        snapshot = NewSnapshot(key="a", body=b"{}", order_updated_at=None, hydrated_at=T0)
+        await writer.complete_hydration(job, snapshot, ["http"], now=T0)
+        await wait_for(lambda: woken == ["hydration", "delivery"])
+    finally:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not woken in time"
+        await asyncio.sleep(0.02)

@@ -33,11 +33,12 @@ nothing backend-specific leaks out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 DeadLetterKind = Literal["hydration", "delivery"]
+WorkKind = Literal["hydration", "delivery"]
 ReplayMode = Literal["auto", "hydrate", "deliver"]
 
 
@@ -255,6 +256,16 @@ class Store(Protocol):
         operator's notice (source "admin" or "replay") makes it due now regardless and
         resets its attempts. A notice revives a done or dead job.
         """
+
+    async def enqueue_many(self, notifications: Sequence[Notification]) -> list[EnqueueResult]:
+        """Enqueue several notifications in one transaction (one commit); the results
+        are in the order given, each as :meth:`enqueue` would have answered it in that
+        order. All or nothing: on StoreError none of them is stored."""
+
+    async def watch_work(self, wake: Callable[[WorkKind], None]) -> None:
+        """Until cancelled: call ``wake(kind)`` when another process sharing this store
+        made work of that kind due, so its workers need not wait for their next poll.
+        Polling stays the fallback: a lost wake-up delays work, it never loses it."""
 
     # --- hydration queue ---
 

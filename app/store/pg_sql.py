@@ -63,15 +63,23 @@ UPDATE hydration_jobs SET
     pending_since = %(pending_since)s, last_error = %(last_error)s, updated_at = %(now)s
 WHERE id = %(id)s
 """
-INSERT_NOTIFICATION = """
-INSERT INTO notifications (
-    job_id, brand, order_id, venue_id, dedup_key, signed_at, source, force, received_at,
-    traceparent
-) VALUES (
-    %(job_id)s, %(brand)s, %(order_id)s, %(venue_id)s, %(dedup_key)s, %(signed_at)s,
-    %(source)s, %(force)s, %(received_at)s, %(traceparent)s
+# Work became due: every replica LISTENing wakes its workers when this commits (NOTIFY
+# is transactional), instead of at its next poll.
+WORK_CHANNEL = "hydrator_work"
+NOTIFY_WORK = f"SELECT pg_notify('{WORK_CHANNEL}', %(kind)s)"
+# The notice, and the wake-up of hydration workers, in one round trip.
+INSERT_NOTIFICATION = f"""
+WITH inserted AS (
+    INSERT INTO notifications (
+        job_id, brand, order_id, venue_id, dedup_key, signed_at, source, force, received_at,
+        traceparent
+    ) VALUES (
+        %(job_id)s, %(brand)s, %(order_id)s, %(venue_id)s, %(dedup_key)s, %(signed_at)s,
+        %(source)s, %(force)s, %(received_at)s, %(traceparent)s
+    )
+    RETURNING id
 )
-RETURNING id
+SELECT id, pg_notify('{WORK_CHANNEL}', 'hydration') AS notified FROM inserted
 """
 
 # --- hydration queue --------------------------------------------------------------------

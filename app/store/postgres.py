@@ -17,6 +17,7 @@ processes work on one database at once:
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -48,6 +49,7 @@ from app.store.base import (
     ReplayMode,
     StoreStats,
     TenantSpend,
+    WorkKind,
 )
 from app.store.pg_migrate import migrate
 
@@ -62,6 +64,9 @@ INT8_MAX = 2**63 - 1
 # Transient conflicts between replicas' transactions: the operation is simply run again.
 RETRIED_ERRORS = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 ATTEMPTS_ON_CONFLICT = 5
+WORK_KINDS: tuple[WorkKind, ...] = ("hydration", "delivery")
+LISTEN_RETRY_SECONDS = 0.5
+LISTEN_RETRY_MAX_SECONDS = 30.0
 
 
 def _int8(value: int) -> int:
@@ -157,6 +162,42 @@ class PostgresStore:
             "enqueue", lambda conn: _enqueue(conn, notification)
         )
         return result
+
+    async def enqueue_many(self, notifications: Sequence[Notification]) -> list[EnqueueResult]:
+        if not notifications:
+            return []
+        # Jobs are locked in one global order (brand, order id), so two replicas enqueueing
+        # overlapping batches wait for each other instead of deadlocking.
+        order = sorted(range(len(notifications)), key=lambda i: _order_key(notifications[i]))
+
+        async def enqueue_all(conn: Conn) -> list[EnqueueResult]:
+            results: dict[int, EnqueueResult] = {}
+            for index in order:
+                results[index] = await _enqueue(conn, notifications[index])
+            return [results[index] for index in range(len(notifications))]
+
+        done: list[EnqueueResult] = await self._run("enqueue_many", enqueue_all)
+        return done
+
+    async def watch_work(self, wake: Callable[[WorkKind], None]) -> None:
+        """LISTEN on a connection of its own (not the pool's); reconnect with a backoff."""
+        backoff = LISTEN_RETRY_SECONDS
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.conninfo, autocommit=True
+                ) as conn:
+                    await conn.execute(f"LISTEN {sql.WORK_CHANNEL}")
+                    backoff = LISTEN_RETRY_SECONDS
+                    for kind in WORK_KINDS:  # whatever was notified while not listening
+                        wake(kind)
+                    async for note in conn.notifies():
+                        if note.payload in WORK_KINDS:
+                            wake(note.payload)
+            except (psycopg.Error, OSError) as error:
+                log.warning("store.listen_failed", error=str(error), retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, LISTEN_RETRY_MAX_SECONDS)
 
     # --- hydration queue ------------------------------------------------------------------
 
@@ -469,6 +510,10 @@ async def _fetchone(conn: Conn, statement: str, params: dict[str, Any]) -> DictR
     return await (await conn.execute(statement, params)).fetchone()
 
 
+def _order_key(notice: Notification) -> tuple[str, int]:
+    return (notice.brand, notice.order_id)
+
+
 async def _enqueue(conn: Conn, notice: Notification) -> EnqueueResult:
     order = {"brand": notice.brand, "order_id": _int8(notice.order_id)}
     inserted = await _fetchone(
@@ -656,6 +701,8 @@ async def _complete_hydration(
                 {**params, "snapshot_id": snapshot_id, "first_received_at": job.first_received_at},
             )
             deliveries += 1
+        if deliveries:
+            await conn.execute(sql.NOTIFY_WORK, {"kind": "delivery"})
     await conn.execute(sql.RESOLVE_HYDRATION_LETTERS, order)
     if snapshot_id is not None:
         await conn.execute(
@@ -906,6 +953,7 @@ async def _replay(conn: Conn, letter: DictRow, mode: ReplayMode, now: float) -> 
         delivery_id = letter["delivery_id"]
         if await _fetchone(conn, sql.DELIVERY_EXISTS, {"id": delivery_id}) is not None:
             await conn.execute(sql.REPLAY_DELIVERY, {"id": delivery_id, "now": now})
+            await conn.execute(sql.NOTIFY_WORK, {"kind": "delivery"})
             redelivered = True
     if not redelivered:
         order = {"brand": letter["brand"], "order_id": letter["order_id"]}

@@ -24,6 +24,7 @@ port's (:mod:`app.store.base`); the notes here are about how they are kept:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import sqlite3
@@ -54,6 +55,7 @@ from app.store.base import (
     ReplayMode,
     StoreStats,
     TenantSpend,
+    WorkKind,
 )
 from app.store.lock import DatabaseLock
 from app.store.sqlite_writer import GroupCommitWriter
@@ -157,6 +159,17 @@ class SqliteStore:
         # No savepoint: the enqueue fails only on a broken database, never as an
         # expected outcome after a write; it is the ingest hot path.
         return await self.run("enqueue", lambda conn: _enqueue(conn, notification), savepoint=False)
+
+    async def enqueue_many(self, notifications: Sequence[Notification]) -> list[EnqueueResult]:
+        if not notifications:
+            return []
+        notices = list(notifications)
+        return await self.run("enqueue_many", lambda conn: [_enqueue(conn, n) for n in notices])
+
+    async def watch_work(self, wake: Callable[[WorkKind], None]) -> None:
+        # One process per file: whoever adds work wakes the workers of this process
+        # directly (the runtime's wake_*); no other process can add any.
+        await asyncio.Event().wait()
 
     # --- hydration queue ----------------------------------------------------------------
 
