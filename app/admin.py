@@ -252,6 +252,8 @@ def _poll_json(poll: PollStatus | None) -> dict[str, Any] | None:
         "last_outcome": poll.last_outcome,
         "last_error": poll.last_error,
         "backlog_page": poll.backlog_page,
+        "holder": poll.holder,
+        "leading": poll.leading,
     }
 
 

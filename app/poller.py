@@ -265,6 +265,11 @@ class PollStatus:
     # While the brand is paused the poller does not poll: readiness must not call that stale.
     last_paused_at: float | None = None
     backlog_page: int | None = None  # the next page of an unfinished scan
+    # One process polls a brand among all sharing the store (PostgreSQL replicas): the
+    # holder's name, and whether it is this process.
+    holder: str | None = None
+    leading: bool = True
+    lead_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -334,7 +339,10 @@ class Poller:
         now = self._clock()
         if self._is_paused(brand):
             return True, "not polling while the brand is paused"
-        marks = (self.started_at, status.last_success_at, status.last_paused_at)
+        if not status.leading:
+            # Another replica polls it; its own readiness says how that goes.
+            return True, f"polled by {status.holder or 'another replica (taking over)'}"
+        marks = (self.started_at, status.last_success_at, status.last_paused_at, status.lead_since)
         since = max(mark for mark in marks if mark is not None)
         limit = stale_after(self.interval)
         if now - since > limit:
@@ -364,11 +372,28 @@ class Poller:
             if self._is_paused(brand):
                 # Listing would only be refused again; the pause's own probe resumes it.
                 self._status[brand].last_paused_at = self._clock()
+            elif not await self._lead(brand):
+                pass  # another replica polls this brand; ask again next interval
             else:
                 cycle = await self.cycle(brand)
                 wait = max(self.interval, cycle.retry_after)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=wait)
+
+    async def _lead(self, brand: str) -> bool:
+        """Whether this process polls ``brand`` now (one poller per brand across replicas;
+        a dead holder's brand is taken over at the next interval)."""
+        status = self._status[brand]
+        try:
+            lead = await self._store.lead_poller(brand)
+        except StoreError as exc:
+            log.warning("poller.lead_unknown", brand=brand, error=str(exc))
+            return False
+        if lead.leading and (not status.leading or status.lead_since is None):
+            # Polling starts (or is taken over) now: staleness counts from here.
+            status.lead_since = self._clock()
+        status.holder, status.leading = lead.holder, lead.leading
+        return lead.leading
 
     async def cycle(self, brand: str) -> Cycle:
         """One cycle of one brand, never raising: its outcome is logged and counted."""

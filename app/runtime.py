@@ -23,6 +23,7 @@ from opentelemetry.trace import Tracer
 from app import tracing
 from app.clopos import CloposClient, LocalRateBudget, make_http_client
 from app.clopos.budget import RateBudget
+from app.clopos.shared_budget import SharedRateBudget
 from app.delivery import SinkDeliverer
 from app.errors import StoreError
 from app.hydration import Hydrator
@@ -39,6 +40,7 @@ from app.sinks.log import LogSink
 from app.status import BrandStatus, Check, ServiceStatus, SinkStatus, Thresholds, readiness_checks
 from app.store import open_store
 from app.store.base import Delivery, HydrationJob, QueueStats, Store, WorkKind
+from app.store.postgres import PostgresStore
 from app.workers import WorkLoop
 
 if TYPE_CHECKING:
@@ -60,6 +62,15 @@ def build_sinks(config: Config) -> list[Sink]:
         else:
             sinks.append(LogSink(name, concurrency=sink_config.concurrency))
     return sinks
+
+
+def make_budget(store: Store, per_minute: int) -> RateBudget:
+    """The Clopos budget: one row per tenant shared by every replica on PostgreSQL
+    (Clopos counts a tenant's calls centrally); in memory for one process on SQLite."""
+    if isinstance(store, PostgresStore):
+        return SharedRateBudget(store, per_minute)
+    # The store keeps the spend, so a restarted process knows what its last minute cost.
+    return LocalRateBudget(per_minute, ledger=store)
 
 
 class Runtime:
@@ -89,11 +100,7 @@ class Runtime:
             timeout=settings.clopos_timeout_seconds,
             max_connections=settings.clopos_max_connections,
         )
-        # The store keeps the spend, so a restarted process knows what its last minute cost.
-        # A budget shared by replicas implements the same port (RateBudget).
-        self.budget: RateBudget = LocalRateBudget(
-            settings.clopos_rate_limit_per_minute, ledger=self.store
-        )
+        self.budget: RateBudget = make_budget(self.store, settings.clopos_rate_limit_per_minute)
         self.clients: dict[str, CloposClient] = {
             name: CloposClient(
                 brand,

@@ -18,7 +18,7 @@ import pytest
 
 from app.errors import ConfigError
 from app.store import open_store
-from app.store.base import Delivery, NewSnapshot, Notification
+from app.store.base import Delivery, NewSnapshot, Notification, PollerLead
 from app.store.pg_migrate import migration_scripts
 from app.store.postgres import PostgresStore
 from tests.pg import PgServer
@@ -237,3 +237,30 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "not woken in time"
         await asyncio.sleep(0.02)
+
+
+async def test_one_replica_polls_a_brand_and_another_takes_over_when_it_dies(
+    pg_url: str,
+) -> None:
+    first = PostgresStore(pg_url, pool_size=1, process_name="replica-1")
+    second = PostgresStore(pg_url, pool_size=1, process_name="replica-2")
+    await first.open()
+    await second.open()
+    try:
+        assert await first.lead_poller("acme") == PollerLead(leading=True, holder="replica-1")
+        assert await first.lead_poller("acme") == PollerLead(leading=True, holder="replica-1")
+        assert await second.lead_poller("acme") == PollerLead(leading=False, holder="replica-1")
+        assert await second.lead_poller("other") == PollerLead(leading=True, holder="replica-2")
+        # replica-1's session ends as a killed process's would: the server drops it.
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'replica-1'"
+            )
+        assert await second.lead_poller("acme") == PollerLead(leading=True, holder="replica-2")
+        lost = await first.lead_poller("acme")
+        assert lost == PollerLead(leading=False, holder=None), "it knows it lost the lead"
+        assert await first.lead_poller("acme") == PollerLead(leading=False, holder="replica-2")
+    finally:
+        await first.close()
+        await second.close()

@@ -225,6 +225,15 @@ class TenantSpend:
 
 
 @dataclass(frozen=True)
+class PollerLead:
+    """Who polls a brand: ``leading`` when this process does; ``holder`` names the
+    process that does (``hostname:pid``), None when nobody holds it right now."""
+
+    leading: bool
+    holder: str | None
+
+
+@dataclass(frozen=True)
 class PruneResult:
     jobs: int
     notifications: int
@@ -389,6 +398,11 @@ class Store(Protocol):
     async def set_poll_watermark(self, brand: str, updated_at: float, *, now: float) -> float:
         """Advance the brand's watermark to ``updated_at``, never backwards; return the
         watermark now stored (the larger of the two)."""
+
+    async def lead_poller(self, brand: str) -> PollerLead:
+        """Become, or stay, the one process polling ``brand`` among all that share this
+        store; if another holds it, say which. A holder that dies (even kill -9) lets go,
+        and the next process to ask takes over."""
 
     async def known_states(self, brand: str, order_ids: Sequence[int]) -> dict[int, KnownState]:
         """For each order id: the id and Clopos ``updated_at`` of its newest stored state

@@ -449,7 +449,38 @@ ORDER BY version DESC LIMIT 1
 """
 HEARTBEAT = "UPDATE heartbeat SET beats = beats + 1, beat_at = %(now)s WHERE id = 1"
 
-# --- the Clopos rate budget -------------------------------------------------------------
+# --- the shared Clopos budget (functions of migrations_pg/0002_rate_budgets.sql) ----------
+
+TAKE_RATE_BUDGET = """
+SELECT take_rate_budget(
+    %(tenant)s, %(limit)s, %(burst)s, %(margin)s, %(reserve_fraction)s) AS wait
+"""
+OBSERVE_RATE_BUDGET = """
+SELECT observe_rate_budget(%(tenant)s, %(limit)s, %(remaining)s, %(reset)s, %(hold)s)
+"""
+RATE_BUDGETS = """
+SELECT tenant, grants, server_limit,
+       GREATEST(held_until - extract(epoch FROM clock_timestamp()), 0) AS held_for
+FROM rate_budgets
+"""
+
+# --- one poller per brand across replicas ------------------------------------------------
+
+# Session-level advisory locks (classid, objid) on a connection of their own: held while
+# that connection lives, released by the server the moment the process dies.
+POLLER_LOCK_CLASS = 0x706F6C6C  # "poll"
+TRY_LEAD_POLLER = "SELECT pg_try_advisory_lock(%(class)s, hashtext(%(brand)s)) AS locked"
+STILL_CONNECTED = "SELECT 1"
+# The holder is whoever's session has that lock granted: its application_name names it.
+POLLER_HOLDER = """
+SELECT a.application_name AS holder FROM pg_locks AS l
+JOIN pg_stat_activity AS a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+  AND l.classid = %(class)s::oid AND l.objid = hashtext(%(brand)s)::oid
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+# --- a per-process budget's ledger (the port's record_budget_spend) ------------------------
 
 RECORD_BUDGET_SPEND = """
 INSERT INTO budget_spend (tenant, at, limit_per_minute) VALUES (%(tenant)s, %(at)s, %(limit)s)

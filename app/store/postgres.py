@@ -18,6 +18,9 @@ processes work on one database at once:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -44,6 +47,7 @@ from app.store.base import (
     KnownState,
     NewSnapshot,
     Notification,
+    PollerLead,
     PruneResult,
     QueueStats,
     ReplayMode,
@@ -67,6 +71,8 @@ ATTEMPTS_ON_CONFLICT = 5
 WORK_KINDS: tuple[WorkKind, ...] = ("hydration", "delivery")
 LISTEN_RETRY_SECONDS = 0.5
 LISTEN_RETRY_MAX_SECONDS = 30.0
+# What other replicas see of this one (pg_stat_activity.application_name, 63 bytes max).
+PROCESS_NAME = f"{socket.gethostname()}:{os.getpid()}"[-63:]
 
 
 def _int8(value: int) -> int:
@@ -86,6 +92,7 @@ class PostgresStore:
         pool_size: int = 10,
         lease_clock: LeaseClock = "database",
         clock: Callable[[], float] = time.time,
+        process_name: str = PROCESS_NAME,
     ) -> None:
         self.conninfo = conninfo
         self._pool_size = pool_size
@@ -93,6 +100,11 @@ class PostgresStore:
         # Only for bookkeeping stamps (updated_at) of calls that take no ``now``.
         self._clock = clock
         self._pool: AsyncConnectionPool[Conn] | None = None
+        self.process_name = process_name
+        # The poller's leadership: a connection of its own holds the brands' locks.
+        self._leader: Conn | None = None
+        self._leading: set[str] = set()
+        self._leader_lock = asyncio.Lock()
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -118,6 +130,10 @@ class PostgresStore:
             log.info("store.migrated", applied=applied)
 
     async def close(self) -> None:
+        leader, self._leader = self._leader, None
+        self._leading.clear()
+        if leader is not None:
+            await leader.close()  # lets go of every brand this process polled
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -444,8 +460,6 @@ class PostgresStore:
         mark: float = await self._run("set_poll_watermark", advance)
         return mark
 
-    # --- the Clopos rate budget -------------------------------------------------------------
-
     async def record_budget_spend(self, tenant: str, *, at: float, limit: int) -> None:
         params = {
             "tenant": tenant,
@@ -473,6 +487,47 @@ class PostgresStore:
         spent: dict[str, TenantSpend] = await self._run("budget_spend_since", read)
         return spent
 
+    async def lead_poller(self, brand: str) -> PollerLead:
+        params = {"class": sql.POLLER_LOCK_CLASS, "brand": brand}
+        async with self._leader_lock:
+            try:
+                conn = await self._leader_connection()
+                if brand in self._leading:
+                    await conn.execute(sql.STILL_CONNECTED)  # the lock lives with the session
+                else:
+                    row = await (await conn.execute(sql.TRY_LEAD_POLLER, params)).fetchone()
+                    if row is not None and row["locked"]:
+                        self._leading.add(brand)
+                        log.info("poller.lead_taken", brand=brand, process=self.process_name)
+                if brand in self._leading:
+                    return PollerLead(leading=True, holder=self.process_name)
+                row = await (await conn.execute(sql.POLLER_HOLDER, params)).fetchone()
+                return PollerLead(leading=False, holder=row["holder"] if row else None)
+            except (psycopg.Error, OSError) as error:
+                # The session is gone, and every lock with it: poll nothing until it is back.
+                await self._drop_leader(error)
+                return PollerLead(leading=False, holder=None)
+
+    async def _leader_connection(self) -> Conn:
+        if self._leader is None or self._leader.closed:
+            self._leading.clear()
+            self._leader = await psycopg.AsyncConnection.connect(
+                self.conninfo,
+                autocommit=True,
+                row_factory=dict_row,
+                application_name=self.process_name,
+            )
+        return self._leader
+
+    async def _drop_leader(self, error: BaseException) -> None:
+        leader, self._leader = self._leader, None
+        if self._leading:
+            log.warning("poller.lead_lost", brands=sorted(self._leading), error=str(error))
+        self._leading.clear()
+        if leader is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await leader.close()
+
     async def known_states(self, brand: str, order_ids: Sequence[int]) -> dict[int, KnownState]:
         if not order_ids:
             return {}
@@ -488,6 +543,57 @@ class PostgresStore:
 
         result: dict[int, KnownState] = await self._run("known_states", read)
         return result
+
+    # --- the Clopos budget shared by replicas (app/clopos/shared_budget.py) ---------------
+
+    async def take_rate_budget(
+        self, tenant: str, *, limit: int, burst: int, margin: float, reserve_fraction: float
+    ) -> float:
+        """Take one call's slot now (0.0) or say how many seconds to wait first."""
+        params = {
+            "tenant": tenant,
+            "limit": limit,
+            "burst": burst,
+            "margin": margin,
+            "reserve_fraction": reserve_fraction,
+        }
+
+        async def take(conn: Conn) -> float:
+            row = await _fetchone(conn, sql.TAKE_RATE_BUDGET, params)
+            return float(row["wait"]) if row is not None else 0.0
+
+        wait: float = await self._run("take_rate_budget", take)
+        return wait
+
+    async def observe_rate_budget(
+        self,
+        tenant: str,
+        *,
+        limit: int | None,
+        remaining: int | None,
+        reset: float | None,
+        hold: float | None,
+    ) -> None:
+        """Record what Clopos answered (RateLimit-* headers; ``hold`` s after a 429)."""
+        params = {
+            "tenant": tenant,
+            "limit": limit,
+            "remaining": remaining,
+            "reset": reset,
+            "hold": hold,
+        }
+        await self._rowcount("observe_rate_budget", sql.OBSERVE_RATE_BUDGET, params)
+
+    async def rate_budgets(self) -> dict[str, tuple[int, int | None, float]]:
+        """Per tenant: calls granted so far (all replicas), the limit Clopos announced,
+        and the seconds it is still held after a 429."""
+
+        async def read(conn: Conn) -> dict[str, tuple[int, int | None, float]]:
+            rows = await (await conn.execute(sql.RATE_BUDGETS)).fetchall()
+            return {r["tenant"]: (r["grants"], r["server_limit"], r["held_for"]) for r in rows}
+
+        budgets: dict[str, tuple[int, int | None, float]] = await self._run("rate_budgets", read)
+        return budgets
 
     # --- helpers ------------------------------------------------------------------------------
 

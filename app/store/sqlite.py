@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +52,7 @@ from app.store.base import (
     KnownState,
     NewSnapshot,
     Notification,
+    PollerLead,
     PruneResult,
     QueueStats,
     ReplayMode,
@@ -71,6 +74,7 @@ MAX_NOTIFICATION_IDS = 1000
 PRUNE_CHUNK = 2000
 # Notices an operator sent ("hydrate now", a replay): due at once even in a backoff.
 OPERATOR_SOURCES = ("admin", "replay")
+PROCESS_NAME = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _token() -> str:
@@ -401,6 +405,10 @@ class SqliteStore:
             return {t: TenantSpend(tuple(at), limits[t]) for t, at in times.items()}
 
         return await self.run("budget_spend_since", read)
+
+    async def lead_poller(self, brand: str) -> PollerLead:
+        # One process per file (an OS lock enforces it): this one polls every brand.
+        return PollerLead(leading=True, holder=PROCESS_NAME)
 
     async def known_states(self, brand: str, order_ids: Sequence[int]) -> dict[int, KnownState]:
         if not order_ids:
