@@ -187,20 +187,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        cycle = self.cycle
-        started = self._head_bytes > 0 or cycle is not None
-        if started and (cycle is None or cycle.response_complete or not cycle.response_started):
-            self._refuse(408, "request not received in time", reason="request_timeout")
-        else:
-            _refusals.note("request_timeout", self.client)
-            self.transport.close()
+        if self._reading_head:  # a head still arriving, or nothing at all
+            answer = self._head_bytes > 0
+        else:  # a body still arriving: unless the app has answered already (a 413, say)
+            answer = self.cycle is not None and not self.cycle.response_started
+        self._refuse(408, "request not received in time", reason="request_timeout", answer=answer)
 
-    def _refuse(self, status: int, message: str, *, reason: str) -> None:
-        """Answer ``status`` (when no answer has begun) and close the connection. A
-        request the app is still reading sees the client hang up."""
+    def _refuse(self, status: int, message: str, *, reason: str, answer: bool = True) -> None:
+        """Answer ``status`` (if ``answer``) and close the connection. A request the app
+        is still reading sees the client hang up."""
         _refusals.note(reason, self.client)
-        cycle = self.cycle
-        if cycle is None or cycle.response_complete or not cycle.response_started:
+        if answer:
             body = message.encode()
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"

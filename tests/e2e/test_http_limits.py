@@ -109,19 +109,24 @@ def test_an_oversized_header_is_refused_with_431(make_service: Any) -> None:
 def test_slow_requests_are_dropped_at_the_deadline(make_service: Any) -> None:
     service: ServiceProcess = make_service(HTTP_REQUEST_TIMEOUT_SECONDS="2")
     # 100 connections trickle a header line every 0.5 s (slowloris), 10 send half a body
-    # and stop, 10 connect and say nothing.
+    # and stop, 10 connect and say nothing, and 5 declare a body too large (answered 413
+    # at once) and then trickle it.
     trickle = [connect(service) for _ in range(100)]
     half_body = [connect(service) for _ in range(10)]
     silent = [connect(service) for _ in range(10)]
+    answered_early = [connect(service) for _ in range(5)]
     head = (
         "POST /webhooks/clopos HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
         f"x-webhook-token: {WEBHOOK_SECRET}\r\ncontent-length: 100\r\n\r\n"
     ).encode()
     for sock in half_body:
         send_quietly(sock, head + b'{"data": {"id": 10')
+    for sock in answered_early:
+        send_quietly(sock, head.replace(b"content-length: 100", b"content-length: 9000000"))
     started = time.monotonic()
     open_at: dict[int, int] = {}
-    everyone = trickle + half_body + silent
+    everyone = trickle + half_body + silent + answered_early
+    early = range(len(everyone) - len(answered_early), len(everyone))
     said = [bytearray() for _ in everyone]
     try:
         for sock in trickle:
@@ -131,8 +136,10 @@ def test_slow_requests_are_dropped_at_the_deadline(make_service: Any) -> None:
             for index, sock in enumerate(everyone):
                 if index in gone:
                     continue
-                if closed_by_server(sock, said[index]) or (
-                    index < len(trickle) and not send_quietly(sock, b"x-slow: 1\r\n")
+                if (
+                    closed_by_server(sock, said[index])
+                    or (index < len(trickle) and not send_quietly(sock, b"x-slow: 1\r\n"))
+                    or (index in early and not send_quietly(sock, b"x" * 10))
                 ):
                     gone.add(index)
             elapsed = int(time.monotonic() - started)
@@ -146,6 +153,10 @@ def test_slow_requests_are_dropped_at_the_deadline(make_service: Any) -> None:
         answers = [bytes(s[:12]) for s in said]
         assert set(answers[:110]) <= {b"HTTP/1.1 408", b""}, set(answers)
         assert answers.count(b"HTTP/1.1 408") >= 100
+        # A request answered before its body was read gets that one answer, then is closed.
+        for index in early:
+            assert bytes(said[index]).count(b"HTTP/1.1 ") == 1, bytes(said[index])
+            assert said[index].startswith(b"HTTP/1.1 413"), bytes(said[index])
     finally:
         for sock in everyone:
             sock.close()
