@@ -21,6 +21,7 @@ from app.store.base import (
     Notification,
     PruneResult,
     QueueStats,
+    ReplayMode,
     Store,
     TenantSpend,
 )
@@ -619,13 +620,73 @@ async def test_an_older_delivery_does_not_resolve_a_newer_letter(store: Store) -
         for x in (await store.list_dead_letters(DeadLetterFilter())).items
         if x.delivery_id == v1.id
     )
+    # v2 was attempted: replaying v1 supersedes it instead of sending it (never backwards).
     assert await store.replay_dead_letter(v1_letter.id, now=T0 + 4)
-    (again,) = await deliveries(store, now=T0 + 4)
-    assert again.version == 1
-    assert await store.complete_delivery(again, now=T0 + 5)
+    assert await deliveries(store, now=T0 + 4) == []
 
     (left,) = (await store.list_dead_letters(DeadLetterFilter())).items
     assert left.delivery_id == v2.id, "v2 was never delivered: its letter stands"
+    assert await store.replay_dead_letter(left.id, now=T0 + 5)
+    (again,) = await deliveries(store, now=T0 + 5)
+    assert again.version == 2
+    assert await store.complete_delivery(again, now=T0 + 6)
+    assert (await store.list_dead_letters(DeadLetterFilter())).total == 0
+
+
+async def test_an_older_version_is_never_sent_after_a_newer_one_was_attempted(
+    store: Store,
+) -> None:
+    """v1 times out (outcome unknown), v2 is sent and its answer is late too: v1 is
+    superseded, although no newer version is known to be delivered."""
+    await hydrate(store, 7, "v1")
+    (v1,) = await deliveries(store)
+    await hydrate(store, 7, "v2", now=T0 + 1)  # while v1 is on the wire
+    assert await store.retry_delivery(v1, retry_at=T0 + 2, error="timeout")
+    (v2,) = await deliveries(store, now=T0 + 2)
+    assert v2.version == 2, "the newest waiting version goes first"
+    assert await store.retry_delivery(v2, retry_at=T0 + 50, error="timeout")
+
+    sent = [d.version for d in await deliveries(store, now=T0 + 10)]
+    sent += [d.version for d in await deliveries(store, now=T0 + 60)]
+    assert sent == [2], "v1 after an attempted v2 could land after it"
+    assert (await store.stats(now=T0 + 60)).deliveries["http"].pending == 0
+
+
+async def test_a_lost_lease_on_an_older_version_is_not_resent_after_a_newer_one(
+    store: Store,
+) -> None:
+    await hydrate(store, 7, "v1")
+    (v1,) = await deliveries(store)
+    await hydrate(store, 7, "v2", now=T0 + 1)
+    # v1's sender vanished (its lease runs out); v1 is claimed again, then v2.
+    (again,) = await deliveries(store, now=T0 + LEASE + 1)
+    assert again.version == 1, "the same version again is not backwards"
+    assert await store.retry_delivery(again, retry_at=T0 + LEASE + 100, error="timeout")
+    (v2,) = await deliveries(store, now=T0 + LEASE + 2)
+    assert v2.version == 2
+    assert not await store.complete_delivery(v1, now=T0 + LEASE + 3), "old lease is void"
+    await store.release_delivery(v2)
+    versions = [d.version for d in await deliveries(store, now=T0 + LEASE + 200)]
+    assert versions == [2]
+
+
+@pytest.mark.parametrize("mode", ["auto", "deliver"])
+async def test_replaying_an_older_letter_after_a_newer_attempt_sends_nothing(
+    store: Store, mode: ReplayMode
+) -> None:
+    await hydrate(store, 7, "v1")
+    (v1,) = await deliveries(store)
+    await hydrate(store, 7, "v2", now=T0 + 1)
+    await store.dead_letter_delivery(v1, reason="gave_up", error="timeout", now=T0 + 2)
+    (v2,) = await deliveries(store, now=T0 + 2)
+    assert await store.retry_delivery(v2, retry_at=T0 + 1000, error="timeout")
+
+    (letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert await store.replay_dead_letter(letter.id, mode=mode, now=T0 + 3)
+    assert await store.get_dead_letter(letter.id) is None
+    assert await deliveries(store, now=T0 + 3) == [], "v1 is superseded"
+    assert await claim(store, now=T0 + 3) == [], "and no re-fetch either"
+    assert [d.version for d in await deliveries(store, now=T0 + 1000)] == [2]
 
 
 async def test_prune_never_lets_an_old_delivery_letter_go_out_over_a_newer_state(
@@ -642,6 +703,48 @@ async def test_prune_never_lets_an_old_delivery_letter_go_out_over_a_newer_state
     for letter in (await store.list_dead_letters(DeadLetterFilter())).items:
         await store.replay_dead_letter(letter.id, mode="deliver", now=T0 + 10_000)
     assert await deliveries(store, now=T0 + 10_001) == [], "v1 after v2 would go backwards"
+
+
+async def test_prune_keeps_the_delivered_version_an_older_retry_waits_behind(
+    store: Store,
+) -> None:
+    """Issue 8 item 6: a short retention removed a delivered v2 while v1 waited in its
+    backoff, and v1 then went out."""
+    await hydrate(store, 7, "v1")
+    (v1,) = await deliveries(store)
+    await hydrate(store, 7, "v2", now=T0 + 1)  # while v1 is on the wire
+    assert await store.retry_delivery(v1, retry_at=T0 + 500, error="timeout")
+    (v2,) = await deliveries(store, now=T0 + 2)
+    assert await store.complete_delivery(v2, now=T0 + 3)
+
+    await store.prune(older_than=T0 + 400)
+    assert await deliveries(store, now=T0 + 600) == [], "v1 after v2 would go backwards"
+
+
+async def test_prune_keeps_the_newest_attempted_version_while_an_older_letter_exists(
+    store: Store,
+) -> None:
+    await hydrate(store, 7, "v1")
+    (v1,) = await deliveries(store)
+    assert await store.dead_letter_delivery(v1, reason="rejected", error="400", now=T0 + 1)
+    await hydrate(store, 7, "v2", now=T0 + 2)
+    (v2,) = await deliveries(store, now=T0 + 2)
+    # v2's outcome is unknown (it timed out at the end), and its letter is purged.
+    assert await store.dead_letter_delivery(v2, reason="gave_up", error="timeout", now=T0 + 3)
+    v2_letter = next(
+        x
+        for x in (await store.list_dead_letters(DeadLetterFilter())).items
+        if x.delivery_id == v2.id
+    )
+    assert await store.purge_dead_letter(v2_letter.id)
+
+    await store.prune(older_than=T0 + 10_000)
+    (v1_letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert await store.replay_dead_letter(v1_letter.id, mode="deliver", now=T0 + 10_000)
+    assert await deliveries(store, now=T0 + 10_001) == [], "v2 was attempted: v1 stays back"
+
+    # Once nothing older can go out, the attempted version is pruned like any other.
+    assert (await store.prune(older_than=T0 + 20_000)).deliveries == 2
 
 
 async def test_an_absurd_id_raises_store_error(store: Store) -> None:

@@ -6,9 +6,11 @@ Two queues live behind it, both durable and leased:
   that is waiting are coalesced into that one job (its ``generation`` goes up); a
   notification that arrives while the job is being fetched makes the job due again
   when the fetch completes, so it causes exactly one more fetch.
-* **deliveries**: one row per (snapshot, sink). Per sink and order, a newer snapshot
-  supersedes older undelivered ones, and at most one delivery is in flight, so a sink
-  never receives an older state after a newer one.
+* **deliveries**: one row per (snapshot, sink). Per sink and order at most one delivery
+  is in flight, and a sink never receives an older state after a newer one, even when
+  an outcome is unknown (a timeout may have landed): once any version of a (sink,
+  order) has been *attempted* (claimed for sending, whatever came of it), every older
+  version of that (sink, order) is superseded, never sent again, also on replay.
 
 Failures that end in **dead letters**, which keep the reason, the last error and
 the attempts, and can be replayed (as a re-hydration or a re-delivery) or purged.
@@ -335,7 +337,9 @@ class Store(Protocol):
         self, *, sink: str, limit: int, now: float, lease_seconds: float
     ) -> list[Delivery]:
         """Lease due deliveries of one sink: at most one in flight per (sink, order), and
-        never one older than a version the sink already received (those are superseded)."""
+        never one older than a version already attempted on that (sink, order), whatever
+        that attempt's outcome (those are superseded). Claiming a version supersedes the
+        older ones of its (sink, order) still waiting."""
 
     async def complete_delivery(self, delivery: Delivery, *, now: float) -> bool:
         """Mark it delivered; delete this sink's delivery dead letters of the same order
@@ -363,8 +367,10 @@ class Store(Protocol):
         self, dead_letter_id: int, *, mode: ReplayMode = "auto", now: float
     ) -> bool:
         """Re-queue and remove it. ``auto``: a hydration letter re-hydrates (forced), a
-        delivery letter re-delivers its snapshot. ``hydrate`` forces a fresh fetch for
-        the order. Returns False when no such dead letter exists."""
+        delivery letter re-delivers its snapshot, unless a newer version of that (sink,
+        order) was attempted since: then the delivery is superseded and nothing is sent.
+        ``hydrate`` forces a fresh fetch for the order. Returns False when no such dead
+        letter exists."""
 
     async def replay_dead_letters(
         self, filt: DeadLetterFilter, *, mode: ReplayMode = "auto", now: float, limit: int = 1000
@@ -379,10 +385,11 @@ class Store(Protocol):
     async def prune(self, *, older_than: float) -> PruneResult:
         """Delete finished records last touched before ``older_than``.
 
-        Keeps what live work and dead letters need: a dead record while its letter
-        exists, and the newest delivered version of a (sink, order) while a delivery
-        letter of that (sink, order) exists, so replaying an old letter can never send
-        an older state over a newer delivered one.
+        Keeps what live work, ordering and dead letters need: a dead record while its
+        letter exists, and the newest *attempted* version of a (sink, order) while an
+        older one of that (sink, order) is pending, running or dead with a letter, so
+        neither a retry nor a replay can send an older state after it, however short
+        the retention.
         """
 
     async def stats(self, *, now: float) -> StoreStats: ...

@@ -206,11 +206,21 @@ WHERE d.sink = :sink AND d.status = 'running' AND d.lease_until <= :now
   )
 ORDER BY d.lease_until, d.id LIMIT :limit
 """
-NEWER_DONE_DELIVERY = """
+# Once a newer version of the (sink, order) has been attempted (claimed for sending,
+# whatever its outcome: a timeout may have landed), an older one is never sent again.
+NEWER_ATTEMPTED_DELIVERY = """
 SELECT 1 FROM deliveries
 WHERE sink = :sink AND brand = :brand AND order_id = :order_id
-  AND status = 'done' AND version >= :version
+  AND version > :version AND claimed_at IS NOT NULL
 LIMIT 1
+"""
+# Claiming a version retires the older ones still waiting (or orphaned by a lost lease):
+# they could only go out behind it.
+SUPERSEDE_OLDER_UNSENT = """
+UPDATE deliveries SET
+    status = 'superseded', lease_until = NULL, lease_token = NULL, updated_at = :now
+WHERE sink = :sink AND brand = :brand AND order_id = :order_id AND version < :version
+  AND (status = 'pending' OR (status = 'running' AND lease_until <= :now))
 """
 SUPERSEDE_DELIVERY = """
 UPDATE deliveries SET
@@ -219,7 +229,8 @@ WHERE id = :id
 """
 CLAIM_DELIVERY = """
 UPDATE deliveries SET
-    status = 'running', lease_until = :lease_until, lease_token = :lease_token, updated_at = :now
+    status = 'running', lease_until = :lease_until, lease_token = :lease_token,
+    claimed_at = COALESCE(claimed_at, :now), updated_at = :now
 WHERE id = :id
 """
 CLAIMED_DELIVERY = """
@@ -320,31 +331,35 @@ UPDATE deliveries SET
     created_at = :now, updated_at = :now
 WHERE id = :id AND status = 'dead'
 """
-DELIVERY_EXISTS = "SELECT 1 FROM deliveries WHERE id = :id"
+DELIVERY_PLACE = "SELECT sink, brand, order_id, version FROM deliveries WHERE id = :id"
 
 # --- upkeep -----------------------------------------------------------------------------
 
 # Each prune statement deletes at most :chunk rows so one call never holds the writer
 # (and everyone's group commit) for long; the store repeats it until nothing is left.
-# A dead delivery stays while its dead letter does. The newest done delivery of a (sink,
-# order) stays while any delivery letter of that (sink, order) does: it is what the
-# claim-time "never older" check reads, so a replayed older letter is superseded rather
-# than sent over a newer delivered state.
+# A dead delivery stays while its dead letter does. The newest attempted delivery of a
+# (sink, order) stays while an older one of that (sink, order) may still go out (pending,
+# running, or dead with a letter to replay): it is what the claim-time "never older"
+# check reads, so the older one is superseded rather than sent over a newer state.
 PRUNE_DELIVERIES = """
 DELETE FROM deliveries WHERE id IN (
   SELECT id FROM deliveries AS d
   WHERE d.status IN ('done', 'superseded', 'dead') AND d.updated_at < :cutoff
     AND (d.status <> 'dead'
          OR NOT EXISTS (SELECT 1 FROM dead_letters AS dl WHERE dl.delivery_id = d.id))
-    AND (d.status <> 'done'
-         OR NOT EXISTS (
-           SELECT 1 FROM dead_letters AS dl
-           WHERE dl.kind = 'delivery' AND dl.brand = d.brand AND dl.order_id = d.order_id
-             AND dl.sink = d.sink)
-         OR EXISTS (
-           SELECT 1 FROM deliveries AS n
-           WHERE n.sink = d.sink AND n.brand = d.brand AND n.order_id = d.order_id
-             AND n.status = 'done' AND n.version > d.version))
+    AND NOT (
+      d.claimed_at IS NOT NULL
+      AND EXISTS (
+        SELECT 1 FROM deliveries AS o
+        WHERE o.sink = d.sink AND o.brand = d.brand AND o.order_id = d.order_id
+          AND o.version < d.version
+          AND (o.status IN ('pending', 'running')
+               OR (o.status = 'dead' AND EXISTS (
+                     SELECT 1 FROM dead_letters AS dl WHERE dl.delivery_id = o.id))))
+      AND NOT EXISTS (
+        SELECT 1 FROM deliveries AS n
+        WHERE n.sink = d.sink AND n.brand = d.brand AND n.order_id = d.order_id
+          AND n.version > d.version AND n.claimed_at IS NOT NULL))
   LIMIT :chunk
 )
 """

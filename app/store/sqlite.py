@@ -779,16 +779,22 @@ def _claim_deliveries(
             order = (row["brand"], row["order_id"])
             if order in orders_this_round:
                 continue  # one per order; the next round excludes it anyway
-            overtaken = conn.execute(
-                sql.NEWER_DONE_DELIVERY,
-                {"sink": sink, "brand": order[0], "order_id": order[1], "version": row["version"]},
-            ).fetchone()
-            if overtaken is not None:
+            place = {"sink": sink, "brand": order[0], "order_id": order[1]}
+            if _overtaken(conn, place, row["version"]):
                 conn.execute(sql.SUPERSEDE_DELIVERY, {"id": row["id"], "now": now})
                 continue
             orders_this_round.add(order)
+            conn.execute(
+                sql.SUPERSEDE_OLDER_UNSENT, {**place, "version": row["version"], "now": now}
+            )
             claimed.append(_claim_delivery(conn, row["id"], now, lease_seconds))
     return claimed
+
+
+def _overtaken(conn: Conn, place: dict[str, Any], version: int) -> bool:
+    """Has a newer version of this (sink, order) been attempted, whatever its outcome?"""
+    params = {**place, "version": version}
+    return conn.execute(sql.NEWER_ATTEMPTED_DELIVERY, params).fetchone() is not None
 
 
 def _claim_delivery(conn: Conn, delivery_id: int, now: float, lease_seconds: float) -> Delivery:
@@ -911,13 +917,19 @@ def _list_dead_letters(
 
 def _replay(conn: Conn, letter: Row, mode: ReplayMode, now: float) -> None:
     """Re-queue what a dead letter describes, then remove the letter."""
-    redelivered = False
+    handled = False
     if letter["kind"] == "delivery" and mode in ("auto", "deliver"):
         delivery_id = letter["delivery_id"]
-        if conn.execute(sql.DELIVERY_EXISTS, {"id": delivery_id}).fetchone() is not None:
-            conn.execute(sql.REPLAY_DELIVERY, {"id": delivery_id, "now": now})
-            redelivered = True
-    if not redelivered:  # a hydration letter, mode "hydrate", or the delivery is gone
+        row = conn.execute(sql.DELIVERY_PLACE, {"id": delivery_id}).fetchone()
+        if row is not None:
+            place = {"sink": row["sink"], "brand": row["brand"], "order_id": row["order_id"]}
+            if _overtaken(conn, place, row["version"]):
+                # A newer state was attempted since: sending this one could go backwards.
+                conn.execute(sql.SUPERSEDE_DELIVERY, {"id": delivery_id, "now": now})
+            else:
+                conn.execute(sql.REPLAY_DELIVERY, {"id": delivery_id, "now": now})
+            handled = True
+    if not handled:  # a hydration letter, mode "hydrate", or the delivery is gone
         job = conn.execute(
             sql.GET_JOB_BY_ORDER, {"brand": letter["brand"], "order_id": letter["order_id"]}
         ).fetchone()
