@@ -17,8 +17,8 @@ import httpx
 
 from tests.e2e.conftest import Clopos
 from tests.e2e.receiver import Receiver
-from tests.e2e.test_http_delivery import NEW, http_sink, notify, rev
 from tests.e2e.service import ServiceProcess, wait_until
+from tests.e2e.test_http_delivery import NEW, http_sink, notify, rev
 
 ORDERS = (1101, 1102, 1103, 1104)
 REVISIONS = 3
