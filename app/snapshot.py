@@ -45,7 +45,7 @@ def iso(ts: float) -> str:
 
 
 def parse_clopos_time(value: Any) -> float | None:
-    """A Clopos timestamp as epoch seconds (for the freshness guard), or None."""
+    """A Clopos timestamp as epoch seconds (for the poller's bookkeeping), or None."""
     parsed = parse_clopos_datetime(value)
     return parsed.timestamp() if parsed is not None else None
 

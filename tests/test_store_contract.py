@@ -232,13 +232,33 @@ async def test_force_arriving_during_a_fetch_survives_it(store: Store) -> None:
     assert (forced.outcome, forced.version) == ("stored", 2)
 
 
-async def test_older_order_state_is_stale(store: Store) -> None:
-    await hydrate(store, 7, "new", updated=T0 - 10)
+async def test_a_state_the_order_already_moved_past_is_stale(store: Store) -> None:
+    await hydrate(store, 7, "old", updated=T0 - 50)
+    await hydrate(store, 7, "new", now=T0 + 1, updated=T0 - 10)
     stale = await hydrate(store, 7, "old", now=T0 + 5, updated=T0 - 50)
-    assert (stale.outcome, stale.deliveries, stale.version) == ("stale", 0, 1)
+    assert (stale.outcome, stale.deliveries, stale.version) == ("stale", 0, 2)
     assert await store.latest_snapshot_body(BRAND, 7) == b'{"key":"new"}'
     newer = await hydrate(store, 7, "newer", now=T0 + 6, updated=T0 - 5)
-    assert (newer.outcome, newer.version) == ("stored", 2)
+    assert (newer.outcome, newer.version) == ("stored", 3)
+
+
+async def test_a_future_updated_at_does_not_freeze_the_order(store: Store) -> None:
+    """Issue 8 item 3: Clopos stamped a state a day ahead; later real changes carry
+    honest (earlier) stamps and must still be stored and delivered."""
+    await hydrate(store, 7, "ahead", updated=T0 + 86_400)
+    later = await hydrate(store, 7, "changed", now=T0 + 10, updated=T0 + 5)
+    assert (later.outcome, later.version, later.deliveries) == ("stored", 2, 1)
+    again = await hydrate(store, 7, "changed again", now=T0 + 20, updated=T0 + 15)
+    assert (again.outcome, again.version) == ("stored", 3)
+    assert await store.known_states(BRAND, [7]) == {7: KnownState("changed again", T0 + 15)}
+
+
+async def test_a_forced_hydration_gets_through_whatever_it_fetched(store: Store) -> None:
+    await hydrate(store, 7, "a", updated=T0 + 86_400)
+    await hydrate(store, 7, "b", now=T0 + 1, updated=T0 + 86_401)
+    forced = await hydrate(store, 7, "a", now=T0 + 2, updated=T0 + 86_400, force=True)
+    assert (forced.outcome, forced.version, forced.deliveries) == ("stored", 3, 1)
+    assert await store.latest_snapshot_body(BRAND, 7) == b'{"key":"a"}'
 
 
 async def test_completion_without_sinks_stores_the_snapshot(store: Store) -> None:
@@ -576,14 +596,15 @@ async def test_a_later_hydration_success_resolves_the_orders_letters(store: Stor
         assert await store.dead_letter_hydration(job, reason="gave_up", error="503", now=at)
 
     await hydrate(store, 2, "b")
-    await hydrate(store, 3, "c", updated=T0)
+    await hydrate(store, 3, "old")
+    await hydrate(store, 3, "c", now=T0 + 0.5)
     for order_id in (1, 2, 3, 4):
         await dead_letter(order_id, T0 + 1)
     # A success of each kind: stored (1), unchanged (2), stale (3). Order 4 stays failed.
     outcomes = [
         (await hydrate(store, 1, "a", now=T0 + 2)).outcome,
         (await hydrate(store, 2, "b", now=T0 + 3)).outcome,
-        (await hydrate(store, 3, "old", now=T0 + 4, updated=T0 - 10)).outcome,
+        (await hydrate(store, 3, "old", now=T0 + 4)).outcome,
     ]
     assert outcomes == ["stored", "unchanged", "stale"]
     (left,) = (await store.list_dead_letters(DeadLetterFilter())).items
@@ -980,8 +1001,9 @@ async def test_known_states_are_the_newest_stored_states(store: Store) -> None:
 
 
 async def test_known_states_ignores_an_older_state_fetched_later(store: Store) -> None:
-    await hydrate(store, 1, "new", updated=T0)
-    result = await hydrate(store, 1, "old", now=T0 + 1, updated=T0 - 30)
+    await hydrate(store, 1, "old", updated=T0 - 30)
+    await hydrate(store, 1, "new", now=T0 + 1, updated=T0)
+    result = await hydrate(store, 1, "old", now=T0 + 2, updated=T0 - 30)
     assert result.outcome == "stale"
     assert await store.known_states(BRAND, [1]) == {1: KnownState("new", T0)}
 

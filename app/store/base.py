@@ -106,7 +106,8 @@ class NewSnapshot:
 
     key: str  # stable id of the order state: the webhook-id every sink sees
     body: bytes  # the exact JSON body sinks receive
-    order_updated_at: float | None  # parsed Clopos updated_at, for the freshness guard
+    # Parsed Clopos updated_at: kept for the poller (known_states), never compared.
+    order_updated_at: float | None
     hydrated_at: float
 
 
@@ -295,9 +296,11 @@ class Store(Protocol):
     ) -> CompleteResult:
         """Store the snapshot and one delivery per sink, in one transaction.
 
-        Skips the snapshot when it equals the latest one for the order (``unchanged``,
-        unless the job is forced) or is older than it by ``order_updated_at``
-        (``stale``). Supersedes older undelivered deliveries of the order on each sink.
+        States are compared by content, never by clock (a Clopos ``updated_at`` may lie
+        in the future): the snapshot is skipped when it equals the latest one for the
+        order (``unchanged``) or an older stored one (``stale``: a read that lags behind
+        what was already stored); a forced job stores and delivers whatever it fetched.
+        Supersedes older undelivered deliveries of the order on each sink.
         Marks the job done, or due again at once if its generation moved on. Any
         outcome but ``lost_lease`` resolves (deletes) the order's hydration dead letters.
         """

@@ -102,6 +102,10 @@ LEASED_JOB = """
 SELECT * FROM hydration_jobs
 WHERE id = :id AND status = 'running' AND lease_token = :lease_token
 """
+# The order already had this exact state (a read that lags behind what was stored).
+KNOWN_STATE = """
+SELECT 1 FROM snapshots WHERE brand = :brand AND order_id = :order_id AND key = :key LIMIT 1
+"""
 INSERT_SNAPSHOT = """
 INSERT INTO snapshots (brand, order_id, key, version, body, order_updated_at, hydrated_at)
 VALUES (:brand, :order_id, :key, :version, :body, :order_updated_at, :hydrated_at)

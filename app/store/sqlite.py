@@ -613,20 +613,19 @@ def _complete_hydration(
     # Without a new snapshot, the notices are attached to the newest existing one.
     snapshot_id: int | None = latest["id"] if latest else None
     version: int | None = latest["version"] if latest else None
+    # By content, never by clock (Clopos stamps may lie in the future): "stale" is a
+    # state this order has already moved past, i.e. the same content as an older stored
+    # snapshot. A forced hydration is delivered whatever it fetched.
     if snapshot.key == last_key and not job.force:
         outcome = "unchanged"
-    elif (
-        snapshot.order_updated_at is not None
-        and last_updated is not None
-        and snapshot.order_updated_at < last_updated
-    ):
+    elif not job.force and _seen_before(conn, order, snapshot.key):
         outcome = "stale"
     else:
         outcome = "stored"
         last_version = max(last_version, latest["version"] if latest else 0) + 1
         last_key = snapshot.key
-        if snapshot.order_updated_at is not None:
-            last_updated = snapshot.order_updated_at
+        # The newest stored state's stamp, even if lower than a (wrong, future) earlier one.
+        last_updated = snapshot.order_updated_at
         snapshot_id = _insert_snapshot(conn, order, snapshot, last_version)
         version = last_version
         for sink in dict.fromkeys(sinks):  # a sink listed twice still gets one delivery
@@ -660,6 +659,11 @@ def _complete_hydration(
     return CompleteResult(
         outcome, snapshot_id=snapshot_id, version=version, deliveries=deliveries, requeued=requeued
     )
+
+
+def _seen_before(conn: Conn, order: dict[str, Any], key: str) -> bool:
+    """Is this state one the order already had, before its newest stored one?"""
+    return conn.execute(sql.KNOWN_STATE, {**order, "key": key}).fetchone() is not None
 
 
 def _insert_snapshot(conn: Conn, order: dict[str, Any], snapshot: NewSnapshot, version: int) -> int:
