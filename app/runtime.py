@@ -54,6 +54,12 @@ STATUS_STORE_TIMEOUT_SECONDS = 2.0
 T = TypeVar("T")
 
 
+def heartbeat_interval(lease_seconds: float) -> float:
+    """How often running work renews its lease: three beats per lease, so one missed
+    beat (a slow commit) does not lose it."""
+    return lease_seconds / 3
+
+
 def build_sinks(config: Config) -> list[Sink]:
     sinks: list[Sink] = []
     for name, sink_config in zip(config.sink_names, config.settings.sinks, strict=True):
@@ -147,6 +153,8 @@ class Runtime:
             release=self.store.release_hydration,
             crashed=self.hydrator.crashed,
             concurrency=settings.hydration_concurrency,
+            extend=self._extend_hydration,
+            heartbeat_seconds=heartbeat_interval(settings.lease_seconds),
         )
         self.delivery_loops: dict[str, WorkLoop[Delivery]] = {
             name: self._delivery_loop(deliverer) for name, deliverer in self.deliverers.items()
@@ -191,7 +199,16 @@ class Runtime:
 
         async def claim(limit: int) -> list[Delivery]:
             return await self.store.claim_deliveries(
-                sink=name, limit=limit, now=time.time(), lease_seconds=lease
+                sink=name,
+                limit=limit,
+                now=time.time(),
+                lease_seconds=lease,
+                max_lost_leases=self.config.settings.max_lost_leases,
+            )
+
+        async def extend(delivery: Delivery) -> bool:
+            return await self.store.extend_delivery_lease(
+                delivery, now=time.time(), lease_seconds=lease
             )
 
         return WorkLoop(
@@ -203,6 +220,8 @@ class Runtime:
             concurrency=deliverer.sink.concurrency,
             admit=deliverer.admit,
             idle=deliverer.idle,
+            extend=extend,
+            heartbeat_seconds=heartbeat_interval(lease),
         )
 
     # --- hydration ---
@@ -213,6 +232,12 @@ class Runtime:
             now=time.time(),
             lease_seconds=self.config.settings.lease_seconds,
             exclude_brands=self.paused.brands(),
+            max_lost_leases=self.config.settings.max_lost_leases,
+        )
+
+    async def _extend_hydration(self, job: HydrationJob) -> bool:
+        return await self.store.extend_hydration_lease(
+            job, now=time.time(), lease_seconds=self.config.settings.lease_seconds
         )
 
     def wake_hydration(self) -> None:

@@ -162,9 +162,13 @@ class Settings(BaseSettings):
 
     # --- Workers and retries ---
     hydration_concurrency: int = Field(default=8, ge=1, le=256)
-    # A claimed item not finished within this is claimed again. A fetch waits at most
-    # half of it for the tenant budget (then it is put back as rate-limited).
+    # A claimed item whose worker stops renewing it (a crash) is claimed again after this.
+    # A fetch waits at most half of it for the tenant budget (then it is put back as
+    # rate-limited).
     lease_seconds: float = Field(default=120.0, ge=5)
+    # Running work renews its lease every third of it; claims that end with nothing
+    # recorded (a crash, a hung worker) this many times in a row end in a dead letter.
+    max_lost_leases: int = Field(default=3, ge=1, le=100)
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=600.0, gt=0)
     retry_give_up_seconds: float = Field(default=86_400.0, gt=0)

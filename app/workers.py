@@ -2,9 +2,11 @@
 
 One loop per queue: claim as many items as there are free slots, run each in its
 own task, and wait for a wake-up (new work) or a short poll (retries coming due,
-work from other replicas). On stop: claim nothing more, give in-flight items a grace
-period, then cancel them; a cancelled item is *released* back to the store under
-``asyncio.shield`` so its outcome is never lost to cancellation.
+work from other replicas). While an item runs, its lease is extended every
+``heartbeat_seconds`` (a third of the lease), so work slower than its lease (a slow
+Clopos, a slow sink) is not taken over by a second claim. On stop: claim nothing more,
+give in-flight items a grace period, then cancel them; a cancelled item is *released*
+back to the store under ``asyncio.shield`` so its outcome is never lost to cancellation.
 """
 
 from __future__ import annotations
@@ -36,12 +38,16 @@ class WorkLoop(Generic[T]):
         poll_seconds: float = 1.0,
         admit: Callable[[int], tuple[float, int]] | None = None,
         idle: Callable[[], None] | None = None,
+        extend: Callable[[T], Awaitable[bool]] | None = None,
+        heartbeat_seconds: float = 0.0,
     ) -> None:
         """``release`` gives an item back untouched (shutdown); ``crashed`` records that
         processing raised something unexpected (a bug), so the item ends visibly instead
         of being retried forever; ``admit(free)`` returns (seconds to wait, how many to
         claim now): the hook a circuit breaker uses to hold a sink's loop, or let a
-        single trial through; ``idle()`` is told when a claim found nothing."""
+        single trial through; ``idle()`` is told when a claim found nothing;
+        ``extend(item)`` renews an item's lease (False: the lease is gone), every
+        ``heartbeat_seconds`` while the item runs."""
         self.name = name
         self._claim = claim
         self._process = process
@@ -51,6 +57,8 @@ class WorkLoop(Generic[T]):
         self._poll = poll_seconds
         self._admit = admit
         self._idle = idle
+        self._extend = extend
+        self._heartbeat = heartbeat_seconds
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -115,8 +123,24 @@ class WorkLoop(Generic[T]):
             await asyncio.shield(self._release(item))
             log.warning("worker.released", worker=self.name)
 
+    async def _keep_lease(self, item: T) -> None:
+        """Extend the item's lease until cancelled, or until it turns out to be lost."""
+        assert self._extend is not None
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            try:
+                if not await self._extend(item):
+                    # Someone else holds it now; the item's own write will say lost_lease.
+                    log.warning("worker.lease_lost", worker=self.name)
+                    return
+            except StoreError as exc:  # try again next beat; the lease may still hold
+                log.error("worker.lease_extend_failed", worker=self.name, error=str(exc))
+
     async def _run_one(self, item: T) -> None:
         structlog.contextvars.clear_contextvars()
+        heartbeat: asyncio.Task[None] | None = None
+        if self._extend is not None and self._heartbeat > 0:
+            heartbeat = asyncio.create_task(self._keep_lease(item), name=f"{self.name}-lease")
         try:
             await self._process(item)
         except asyncio.CancelledError:
@@ -132,6 +156,11 @@ class WorkLoop(Generic[T]):
             log.exception("worker.item_crashed", worker=self.name)
             with contextlib.suppress(StoreError):
                 await asyncio.shield(self._crashed(item, exc))
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
 
     async def stop(self, grace: float) -> None:
         """Stop claiming, let in-flight work finish for ``grace`` s, then cancel it."""

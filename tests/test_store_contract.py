@@ -12,6 +12,8 @@ import pytest
 
 from app.errors import StoreError
 from app.store.base import (
+    DEFAULT_MAX_LOST_LEASES,
+    LEASE_LOST,
     CompleteResult,
     DeadLetterFilter,
     Delivery,
@@ -200,6 +202,86 @@ async def test_expired_lease_is_reclaimed_and_the_old_holder_loses(store: Store)
 
     won = await store.complete_hydration(new, snap("a"), ["http"], now=T0 + 63)
     assert won.outcome == "stored"
+
+
+async def test_attempts_count_at_claim_so_a_lost_lease_counts(store: Store) -> None:
+    await store.enqueue(notice(7))
+    await claim_one(store)  # its worker dies: nothing is recorded
+    again = await claim_one(store, now=T0 + LEASE + 1)
+    assert again.attempts == 1, "the attempt that lost its lease counts"
+    assert await store.retry_hydration(
+        again, retry_at=T0 + LEASE + 2, error="429", count_attempt=False
+    )
+    third = await claim_one(store, now=T0 + LEASE + 2)
+    assert third.attempts == 1, "a 429 gives its attempt back; the lost one stays"
+    assert await store.release_hydration(third)
+    assert (await claim_one(store, now=T0 + LEASE + 3)).attempts == 1, "so does a release"
+
+
+async def test_a_job_whose_lease_keeps_running_out_ends_in_a_dead_letter(store: Store) -> None:
+    """A job that crashes the process (or outlives its lease) every time must not be
+    retried forever: the third lost lease in a row ends it in a dead letter."""
+    await store.enqueue(notice(7))
+    at = T0
+    for _ in range(DEFAULT_MAX_LOST_LEASES):
+        await claim_one(store, now=at)  # and the worker vanishes
+        at += LEASE + 1
+    assert await claim(store, now=at) == [], "not tried again"
+    (letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert (letter.kind, letter.reason, letter.order_id) == ("hydration", LEASE_LOST, 7)
+    assert letter.attempts == DEFAULT_MAX_LOST_LEASES
+    assert (await store.stats(now=at)).hydration == QueueStats(0, 0, None)
+
+    await store.enqueue(notice(7, at))  # revives like any dead job, starting over
+    assert (await claim_one(store, now=at)).attempts == 0
+
+
+async def test_a_recorded_outcome_ends_a_run_of_lost_leases(store: Store) -> None:
+    await store.enqueue(notice(7))
+    at = T0
+    for _ in range(2 * DEFAULT_MAX_LOST_LEASES):
+        job = await claim_one(store, now=at)
+        if job.attempts % 2:  # every other attempt records its failure
+            assert await store.retry_hydration(job, retry_at=at, error="503")
+        at += LEASE + 1
+    assert (await store.list_dead_letters(DeadLetterFilter())).total == 0
+
+
+async def test_running_work_extends_its_lease(store: Store) -> None:
+    await store.enqueue(notice(7))
+    job = await claim_one(store)
+    assert await store.extend_hydration_lease(job, now=T0 + 50, lease_seconds=LEASE)
+    assert await claim(store, now=T0 + LEASE + 1) == [], "the extended lease holds"
+    thief = await claim_one(store, now=T0 + 50 + LEASE + 1)
+    assert not await store.extend_hydration_lease(job, now=T0 + 112, lease_seconds=LEASE)
+    assert await store.extend_hydration_lease(thief, now=T0 + 112, lease_seconds=LEASE)
+
+    await hydrate(store, 8, "a")
+    (delivery,) = await deliveries(store)
+    assert await store.extend_delivery_lease(delivery, now=T0 + 50, lease_seconds=LEASE)
+    assert await deliveries(store, now=T0 + LEASE + 1) == []
+    (taken,) = await deliveries(store, now=T0 + 50 + LEASE + 1)
+    assert taken.attempts == 1
+    assert not await store.extend_delivery_lease(delivery, now=T0 + 112, lease_seconds=LEASE)
+
+
+async def test_a_delivery_whose_lease_keeps_running_out_ends_in_a_dead_letter(
+    store: Store,
+) -> None:
+    await hydrate(store, 7, "v1")
+    at = T0
+    for _ in range(DEFAULT_MAX_LOST_LEASES):
+        (delivery,) = await deliveries(store, now=at)
+        at += LEASE + 1
+    assert await deliveries(store, now=at) == []
+    (letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
+    assert (letter.kind, letter.reason, letter.sink) == ("delivery", LEASE_LOST, "http")
+    assert (letter.attempts, letter.delivery_id) == (DEFAULT_MAX_LOST_LEASES, delivery.id)
+    assert not await store.complete_delivery(delivery, now=at), "the last holder lost it"
+
+    assert await store.replay_dead_letter(letter.id, now=at)
+    (again,) = await deliveries(store, now=at)
+    assert again.attempts == 0
 
 
 async def test_unchanged_state_is_not_delivered_again(store: Store) -> None:

@@ -121,3 +121,45 @@ async def test_a_wake_during_a_claim_is_not_lost() -> None:
     await runner
     assert len(rec.claims) >= 2
     assert rec.claims[1] - rec.claims[0] < 0.5  # not the 5 s poll
+
+
+async def test_running_items_renew_their_lease_until_they_end() -> None:
+    rec = Recorder()
+    batches = [[1, 2]]
+    renewed: list[tuple[int, float]] = []
+    lost = {2}  # item 2's lease was taken: renewing it stops at the first refusal
+
+    async def claim(limit: int) -> list[int]:
+        return batches.pop(0) if batches else []
+
+    ended: dict[int, float] = {}
+
+    async def process(item: int) -> None:
+        await asyncio.sleep(0.35)
+        rec.processed.append(item)
+        ended[item] = time.monotonic()
+
+    async def extend(item: int) -> bool:
+        renewed.append((item, time.monotonic()))
+        return item not in lost
+
+    loop = WorkLoop(
+        "test",
+        claim=claim,
+        process=process,
+        release=rec.release,
+        crashed=rec.crash,
+        concurrency=4,
+        poll_seconds=0.05,
+        extend=extend,
+        heartbeat_seconds=0.1,
+    )
+    runner = asyncio.create_task(loop.run())
+    await asyncio.sleep(0.6)
+    await loop.stop(grace=1)
+    await runner
+    assert sorted(rec.processed) == [1, 2]
+    beats = [at for item, at in renewed if item == 1]
+    assert len(beats) >= 2, "renewed every 0.1 s while it ran"
+    assert all(at < ended[1] for at in beats), "and never after it ended"
+    assert [item for item, _ in renewed].count(2) == 1, "a lost lease is not renewed again"

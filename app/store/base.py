@@ -25,7 +25,15 @@ fetches it once, and a second state within one whole second is still seen.
 
 Every mutating call that takes a claimed record checks its ``lease_token``: if the
 lease expired and someone else claimed the record meanwhile, the call returns False
-and changes nothing (the other claimant's outcome wins).
+and changes nothing (the other claimant's outcome wins). Running work extends its
+lease (``extend_*_lease``) so a slow fetch or send keeps it.
+
+**Attempts are counted when work is claimed**, not when it ends, so an attempt that
+ends with no outcome (the process died, the lease ran out) still counts. An outcome
+that is no failure (a 429, a paused brand, a not-found on its own counter, a release
+at shutdown) gives the attempt back. Claims that end with nothing recorded are *lost
+leases*; after ``max_lost_leases`` of them in a row, the next claim ends the work in a
+dead letter (reason ``lease_lost``) instead of trying it forever.
 
 Times are epoch seconds (float) passed in by the caller, so tests can drive a clock.
 Implementations raise :class:`~app.errors.StoreError` for any failure, whatever the
@@ -42,6 +50,11 @@ from typing import Literal, Protocol
 DeadLetterKind = Literal["hydration", "delivery"]
 WorkKind = Literal["hydration", "delivery"]
 ReplayMode = Literal["auto", "hydrate", "deliver"]
+
+# Lost leases in a row (claims that ended with nothing recorded) that end work in a
+# dead letter with this reason; MAX_LOST_LEASES in the settings.
+DEFAULT_MAX_LOST_LEASES = 3
+LEASE_LOST = "lease_lost"
 
 
 @dataclass(frozen=True)
@@ -87,7 +100,9 @@ class HydrationJob:
     brand: str
     order_id: int
     venue_id: str | None
-    attempts: int  # failed attempts so far (429s and credential pauses do not count)
+    # Attempts before this one that failed or lost their lease (429s and credential
+    # pauses do not count; not-founds count on their own).
+    attempts: int
     not_found_attempts: int
     generation: int  # the generation this claim covers
     lease_token: str
@@ -288,8 +303,17 @@ class Store(Protocol):
         now: float,
         lease_seconds: float,
         exclude_brands: frozenset[str] = frozenset(),
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[HydrationJob]:
-        """Lease up to ``limit`` due jobs (pending and due, or running with an expired lease)."""
+        """Lease up to ``limit`` due jobs (pending and due, or running with an expired lease),
+        counting an attempt for each. A running job whose lease ran out for the
+        ``max_lost_leases``-th time in a row is dead-lettered (``lease_lost``) instead."""
+
+    async def extend_hydration_lease(
+        self, job: HydrationJob, *, now: float, lease_seconds: float
+    ) -> bool:
+        """Keep the lease of running work: it now ends at ``now + lease_seconds``. False
+        when the lease is no longer this claim's."""
 
     async def complete_hydration(
         self, job: HydrationJob, snapshot: NewSnapshot, sinks: list[str], *, now: float
@@ -337,12 +361,24 @@ class Store(Protocol):
     # --- delivery queue ---
 
     async def claim_deliveries(
-        self, *, sink: str, limit: int, now: float, lease_seconds: float
+        self,
+        *,
+        sink: str,
+        limit: int,
+        now: float,
+        lease_seconds: float,
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[Delivery]:
         """Lease due deliveries of one sink: at most one in flight per (sink, order), and
         never one older than a version already attempted on that (sink, order), whatever
         that attempt's outcome (those are superseded). Claiming a version supersedes the
-        older ones of its (sink, order) still waiting."""
+        older ones of its (sink, order) still waiting. Attempts and lost leases count as
+        for :meth:`claim_hydrations`."""
+
+    async def extend_delivery_lease(
+        self, delivery: Delivery, *, now: float, lease_seconds: float
+    ) -> bool:
+        """As :meth:`extend_hydration_lease`."""
 
     async def complete_delivery(self, delivery: Delivery, *, now: float) -> bool:
         """Mark it delivered; delete this sink's delivery dead letters of the same order

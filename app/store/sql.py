@@ -35,6 +35,7 @@ FIND_DUPLICATE = """
 SELECT job_id, signed_at FROM notifications
 WHERE brand = :brand AND dedup_key = :dedup_key AND order_id = :order_id
 """
+GET_JOB = "SELECT * FROM hydration_jobs WHERE id = :id"
 GET_JOB_BY_ORDER = "SELECT * FROM hydration_jobs WHERE brand = :brand AND order_id = :order_id"
 LATEST_SNAPSHOT_META = """
 SELECT id, version, key, order_updated_at FROM snapshots
@@ -71,13 +72,13 @@ INSERT INTO notifications (
 # --- hydration queue --------------------------------------------------------------------
 
 DUE_PENDING_JOBS = """
-SELECT id, retry_at FROM hydration_jobs
+SELECT id, retry_at, status, lost_leases FROM hydration_jobs
 WHERE status = 'pending' AND retry_at <= :now
   AND brand NOT IN (SELECT value FROM json_each(:exclude))
 ORDER BY retry_at, id LIMIT :limit
 """
 EXPIRED_RUNNING_JOBS = """
-SELECT id, retry_at FROM hydration_jobs
+SELECT id, retry_at, status, lost_leases FROM hydration_jobs
 WHERE status = 'running' AND lease_until <= :now
   AND brand NOT IN (SELECT value FROM json_each(:exclude))
 ORDER BY lease_until, id LIMIT :limit
@@ -86,9 +87,14 @@ UNCOVERED_SUMMARY = """
 SELECT MAX(id) AS max_id, MIN(received_at) AS first_received_at FROM notifications
 WHERE job_id = :job_id AND snapshot_id IS NULL
 """
+# The attempt counts now, not when it ends: a claim that ends with no outcome (a crash,
+# a lost lease) still counts, and is one more lost lease in a row (status is still
+# 'running' only when the previous claim recorded nothing).
 CLAIM_JOB = """
 UPDATE hydration_jobs SET
     status = 'running', lease_until = :lease_until, lease_token = :lease_token,
+    attempts = attempts + 1,
+    lost_leases = lost_leases + CASE WHEN status = 'running' THEN 1 ELSE 0 END,
     claimed_generation = generation, claimed_notification_id = :max_id, updated_at = :now
 WHERE id = :id
 RETURNING *
@@ -97,6 +103,11 @@ RECENT_UNCOVERED_IDS = """
 SELECT id, traceparent FROM notifications
 WHERE job_id = :job_id AND snapshot_id IS NULL AND id <= :max_id
 ORDER BY id DESC LIMIT :limit
+"""
+# Running work extends its lease, so a fetch longer than LEASE_SECONDS is not taken over.
+EXTEND_JOB_LEASE = """
+UPDATE hydration_jobs SET lease_until = :lease_until
+WHERE id = :id AND status = 'running' AND lease_token = :lease_token
 """
 LEASED_JOB = """
 SELECT * FROM hydration_jobs
@@ -143,7 +154,7 @@ UPDATE hydration_jobs SET
     status = :status, retry_at = :retry_at, attempts = 0, not_found_attempts = 0,
     force_generation = CASE WHEN force_generation > claimed_generation
                             THEN force_generation ELSE 0 END,
-    lease_until = NULL, lease_token = NULL, last_error = NULL,
+    lease_until = NULL, lease_token = NULL, last_error = NULL, lost_leases = 0,
     pending_since = :pending_since, last_version = :last_version,
     last_snapshot_key = :last_snapshot_key, last_updated_at = :last_updated_at,
     updated_at = :now
@@ -151,23 +162,26 @@ WHERE id = :id
 """
 # A forced notice (an operator's "hydrate now") that arrived during the failed fetch
 # outranks the backoff, as it would have right after it: the job keeps its retry_at (it
-# was due when claimed, so it is due at once) and starts over.
+# was due when claimed, so it is due at once) and starts over. The claim counted the
+# attempt; an outcome that does not count (429, pause, not-found) gives it back.
 RETRY_JOB = """
 UPDATE hydration_jobs SET
-    status = 'pending', last_error = :error,
+    status = 'pending', last_error = :error, lost_leases = 0,
     retry_at = CASE WHEN force_generation > claimed_generation THEN retry_at
                     ELSE :retry_at END,
     attempts = CASE WHEN force_generation > claimed_generation THEN 0
-                    ELSE attempts + :add_attempt END,
+                    ELSE MAX(attempts - 1 + :add_attempt, 0) END,
     not_found_attempts = CASE WHEN force_generation > claimed_generation THEN 0
                               ELSE not_found_attempts + :add_not_found END,
     lease_until = NULL, lease_token = NULL, updated_at = :now
 WHERE id = :id AND status = 'running' AND lease_token = :lease_token
 """
-# retry_at is left as it was: the job was due then, so it goes back to the front.
+# retry_at is left as it was: the job was due then, so it goes back to the front. The
+# attempt the claim counted is given back: a shutdown is no failure.
 RELEASE_JOB = """
 UPDATE hydration_jobs SET
-    status = 'pending', lease_until = NULL, lease_token = NULL, updated_at = :now
+    status = 'pending', attempts = MAX(attempts - 1, 0),
+    lease_until = NULL, lease_token = NULL, updated_at = :now
 WHERE id = :id AND status = 'running' AND lease_token = :lease_token
 """
 # Ends a leased job: 'dead', or 'pending' and due at :retry_at when notices arrived during
@@ -176,7 +190,7 @@ WHERE id = :id AND status = 'running' AND lease_token = :lease_token
 END_JOB_FAILED = """
 UPDATE hydration_jobs SET
     status = :status, retry_at = :retry_at, last_error = :error,
-    attempts = 0, not_found_attempts = 0,
+    attempts = 0, not_found_attempts = 0, lost_leases = 0,
     force_generation = CASE WHEN force_generation > claimed_generation
                             THEN force_generation ELSE 0 END,
     lease_until = NULL, lease_token = NULL, pending_since = :pending_since, updated_at = :now
@@ -191,7 +205,8 @@ DELETE FROM dead_letters WHERE kind = 'hydration' AND brand = :brand AND order_i
 
 # A candidate must not have a sibling (same sink and order) in flight with a live lease.
 DUE_PENDING_DELIVERIES = """
-SELECT d.id, d.brand, d.order_id, d.version, d.retry_at FROM deliveries AS d
+SELECT d.id, d.brand, d.order_id, d.version, d.retry_at, d.status, d.lost_leases
+FROM deliveries AS d
 WHERE d.sink = :sink AND d.status = 'pending' AND d.retry_at <= :now
   AND NOT EXISTS (
     SELECT 1 FROM deliveries AS o
@@ -201,7 +216,8 @@ WHERE d.sink = :sink AND d.status = 'pending' AND d.retry_at <= :now
 ORDER BY d.retry_at, d.id LIMIT :limit
 """
 EXPIRED_RUNNING_DELIVERIES = """
-SELECT d.id, d.brand, d.order_id, d.version, d.retry_at FROM deliveries AS d
+SELECT d.id, d.brand, d.order_id, d.version, d.retry_at, d.status, d.lost_leases
+FROM deliveries AS d
 WHERE d.sink = :sink AND d.status = 'running' AND d.lease_until <= :now
   AND NOT EXISTS (
     SELECT 1 FROM deliveries AS o
@@ -231,11 +247,19 @@ UPDATE deliveries SET
     status = 'superseded', lease_until = NULL, lease_token = NULL, updated_at = :now
 WHERE id = :id
 """
+# As for jobs: the attempt counts at claim time, and a claim of running work (its lease
+# ran out with nothing recorded) is one more lost lease in a row.
 CLAIM_DELIVERY = """
 UPDATE deliveries SET
     status = 'running', lease_until = :lease_until, lease_token = :lease_token,
+    attempts = attempts + 1,
+    lost_leases = lost_leases + CASE WHEN status = 'running' THEN 1 ELSE 0 END,
     claimed_at = COALESCE(claimed_at, :now), updated_at = :now
 WHERE id = :id
+"""
+EXTEND_DELIVERY_LEASE = """
+UPDATE deliveries SET lease_until = :lease_until
+WHERE id = :id AND status = 'running' AND lease_token = :lease_token
 """
 CLAIMED_DELIVERY = """
 SELECT d.*, s.key AS snapshot_key, s.body AS body,
@@ -265,20 +289,23 @@ WHERE kind = 'delivery' AND sink = :sink AND brand = :brand AND order_id = :orde
 """
 RETRY_DELIVERY = """
 UPDATE deliveries SET
-    status = 'pending', retry_at = :retry_at, last_error = :error,
-    attempts = attempts + :add_attempt, lease_until = NULL, lease_token = NULL, updated_at = :now
+    status = 'pending', retry_at = :retry_at, last_error = :error, lost_leases = 0,
+    attempts = MAX(attempts - 1 + :add_attempt, 0),
+    lease_until = NULL, lease_token = NULL, updated_at = :now
 WHERE id = :id AND status = 'running' AND lease_token = :lease_token
 """
-# As for jobs: released work keeps its (past) retry_at and goes back to the front.
+# As for jobs: released work keeps its (past) retry_at, goes back to the front, and
+# gets back the attempt its claim counted.
 RELEASE_DELIVERY = """
 UPDATE deliveries SET
-    status = 'pending', lease_until = NULL, lease_token = NULL, updated_at = :now
+    status = 'pending', attempts = MAX(attempts - 1, 0),
+    lease_until = NULL, lease_token = NULL, updated_at = :now
 WHERE id = :id AND status = 'running' AND lease_token = :lease_token
 """
 DEAD_DELIVERY = """
 UPDATE deliveries SET
     status = 'dead', last_error = :error, lease_until = NULL, lease_token = NULL,
-    updated_at = :now
+    lost_leases = 0, updated_at = :now
 WHERE id = :id AND status = 'running' AND lease_token = :lease_token
 RETURNING attempts
 """
@@ -331,8 +358,8 @@ DELETE_DEAD_LETTER = "DELETE FROM dead_letters WHERE id = :id"
 # A replayed delivery starts over: attempts and its give-up clock (created_at) reset.
 REPLAY_DELIVERY = """
 UPDATE deliveries SET
-    status = 'pending', attempts = 0, retry_at = :now, lease_until = NULL, lease_token = NULL,
-    created_at = :now, updated_at = :now
+    status = 'pending', attempts = 0, lost_leases = 0, retry_at = :now,
+    lease_until = NULL, lease_token = NULL, created_at = :now, updated_at = :now
 WHERE id = :id AND status = 'dead'
 """
 DELIVERY_PLACE = "SELECT sink, brand, order_id, version FROM deliveries WHERE id = :id"

@@ -32,6 +32,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +41,8 @@ from app.logs import get_logger
 from app.store import sql
 from app.store.base import (
     BUDGET_SPEND_KEEP_SECONDS,
+    DEFAULT_MAX_LOST_LEASES,
+    LEASE_LOST,
     CompleteResult,
     DeadLetter,
     DeadLetterFilter,
@@ -184,12 +187,22 @@ class SqliteStore:
         now: float,
         lease_seconds: float,
         exclude_brands: frozenset[str] = frozenset(),
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[HydrationJob]:
         if limit <= 0:
             return []
+        lease = Lease(now, lease_seconds, max_lost_leases)
         return await self.run(
             "claim_hydrations",
-            lambda conn: _claim_hydrations(conn, limit, now, lease_seconds, exclude_brands),
+            lambda conn: _claim_hydrations(conn, limit, lease, exclude_brands),
+        )
+
+    async def extend_hydration_lease(
+        self, job: HydrationJob, *, now: float, lease_seconds: float
+    ) -> bool:
+        params = {"id": job.id, "lease_token": job.lease_token, "lease_until": now + lease_seconds}
+        return await self.run(
+            "extend_hydration_lease", lambda conn: _changed(conn, sql.EXTEND_JOB_LEASE, params)
         )
 
     async def complete_hydration(
@@ -237,13 +250,32 @@ class SqliteStore:
     # --- delivery queue -------------------------------------------------------------------
 
     async def claim_deliveries(
-        self, *, sink: str, limit: int, now: float, lease_seconds: float
+        self,
+        *,
+        sink: str,
+        limit: int,
+        now: float,
+        lease_seconds: float,
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[Delivery]:
         if limit <= 0:
             return []
+        lease = Lease(now, lease_seconds, max_lost_leases)
         return await self.run(
-            "claim_deliveries",
-            lambda conn: _claim_deliveries(conn, sink, limit, now, lease_seconds),
+            "claim_deliveries", lambda conn: _claim_deliveries(conn, sink, limit, lease)
+        )
+
+    async def extend_delivery_lease(
+        self, delivery: Delivery, *, now: float, lease_seconds: float
+    ) -> bool:
+        params = {
+            "id": delivery.id,
+            "lease_token": delivery.lease_token,
+            "lease_until": now + lease_seconds,
+        }
+        return await self.run(
+            "extend_delivery_lease",
+            lambda conn: _changed(conn, sql.EXTEND_DELIVERY_LEASE, params),
         )
 
     async def complete_delivery(self, delivery: Delivery, *, now: float) -> bool:
@@ -548,14 +580,50 @@ def _notice_job(conn: Conn, job: Row, notice: Notification) -> bool:
     return coalesced
 
 
+@dataclass(frozen=True)
+class Lease:
+    """The terms of one claim: when, for how long, and how many lost leases in a row
+    end the work in a dead letter instead of another try."""
+
+    now: float
+    seconds: float
+    max_lost: int
+
+    def abandoned(self, candidate: Row) -> bool:
+        """Running work whose lease ran out has lost it once more; at the limit, stop."""
+        lost: int = candidate["lost_leases"]
+        return bool(candidate["status"] == "running" and lost + 1 >= self.max_lost)
+
+    def error(self, candidate: Row) -> str:
+        return (
+            f"its lease ran out {candidate['lost_leases'] + 1} times in a row with no outcome "
+            "(the process died, or the work outlived its lease)"
+        )
+
+
 def _claim_hydrations(
-    conn: Conn, limit: int, now: float, lease_seconds: float, exclude: frozenset[str]
+    conn: Conn, limit: int, lease: Lease, exclude: frozenset[str]
 ) -> list[HydrationJob]:
-    params = {"now": now, "limit": limit, "exclude": json.dumps(sorted(exclude))}
+    params = {"now": lease.now, "limit": limit, "exclude": json.dumps(sorted(exclude))}
     candidates = conn.execute(sql.DUE_PENDING_JOBS, params).fetchall()
     candidates += conn.execute(sql.EXPIRED_RUNNING_JOBS, params).fetchall()
     candidates.sort(key=lambda row: (row["retry_at"], row["id"]))
-    return [_claim_job(conn, row["id"], now, lease_seconds) for row in candidates[:limit]]
+    claimed: list[HydrationJob] = []
+    for candidate in candidates[:limit]:
+        if lease.abandoned(candidate):
+            row = conn.execute(sql.GET_JOB, {"id": candidate["id"]}).fetchone()
+            _end_job_in_letter(conn, row, LEASE_LOST, lease.error(candidate), lease.now)
+            log.warning(
+                "store.lease_lost_dead_letter",
+                kind="hydration",
+                brand=row["brand"],
+                order_id=row["order_id"],
+                job_id=row["id"],
+                lost_leases=candidate["lost_leases"] + 1,
+            )
+            continue
+        claimed.append(_claim_job(conn, candidate["id"], lease.now, lease.seconds))
+    return claimed
 
 
 def _claim_job(conn: Conn, job_id: int, now: float, lease_seconds: float) -> HydrationJob:
@@ -583,7 +651,7 @@ def _claim_job(conn: Conn, job_id: int, now: float, lease_seconds: float) -> Hyd
         brand=row["brand"],
         order_id=row["order_id"],
         venue_id=row["venue_id"],
-        attempts=row["attempts"],
+        attempts=row["attempts"] - 1,  # the claim counted this one; the job tells those before
         not_found_attempts=row["not_found_attempts"],
         generation=row["claimed_generation"],
         lease_token=row["lease_token"],
@@ -713,6 +781,12 @@ def _dead_letter_hydration(
     row = conn.execute(sql.LEASED_JOB, {"id": job.id, "lease_token": job.lease_token}).fetchone()
     if row is None:
         return False
+    _end_job_in_letter(conn, row, reason, error, now)
+    return True
+
+
+def _end_job_in_letter(conn: Conn, row: Row, reason: str, error: str, now: float) -> None:
+    """End a running job (``row``, under its current lease) in a dead letter."""
     # Notices that arrived during the fetch are not covered by its failure: they get
     # their own fetch, with a fresh give-up clock from the oldest of them.
     requeue = row["generation"] > row["claimed_generation"]
@@ -720,14 +794,14 @@ def _dead_letter_hydration(
     if requeue:
         oldest = conn.execute(
             sql.OLDEST_AFTER_CLAIM,
-            {"job_id": job.id, "after_id": row["claimed_notification_id"]},
+            {"job_id": row["id"], "after_id": row["claimed_notification_id"]},
         ).fetchone()["oldest"]
         pending_since = now if oldest is None else oldest
     conn.execute(
         sql.END_JOB_FAILED,
         {
-            "id": job.id,
-            "lease_token": job.lease_token,
+            "id": row["id"],
+            "lease_token": row["lease_token"],
             "status": "pending" if requeue else "dead",
             "retry_at": now if requeue else row["retry_at"],
             "pending_since": pending_since,
@@ -738,17 +812,16 @@ def _dead_letter_hydration(
     _insert_dead_letter(
         conn,
         kind="hydration",
-        brand=job.brand,
-        order_id=job.order_id,
+        brand=row["brand"],
+        order_id=row["order_id"],
         sink=None,
         reason=reason,
         error=error,
-        # Every attempt made, the one that ends here included.
-        attempts=row["attempts"] + row["not_found_attempts"] + 1,
+        # Every attempt made, the one that ends here included (counted when claimed).
+        attempts=row["attempts"] + row["not_found_attempts"],
         now=now,
-        job_id=job.id,
+        job_id=row["id"],
     )
-    return True
 
 
 def _complete_delivery(conn: Conn, params: dict[str, Any]) -> bool:
@@ -759,9 +832,7 @@ def _complete_delivery(conn: Conn, params: dict[str, Any]) -> bool:
     return True
 
 
-def _claim_deliveries(
-    conn: Conn, sink: str, limit: int, now: float, lease_seconds: float
-) -> list[Delivery]:
+def _claim_deliveries(conn: Conn, sink: str, limit: int, lease: Lease) -> list[Delivery]:
     """Hand out due deliveries, one per order, superseding those a newer one overtook.
 
     Works in rounds: a claimed delivery becomes a live in-flight sibling, so the next
@@ -770,7 +841,7 @@ def _claim_deliveries(
     claimed: list[Delivery] = []
     seen: set[int] = set()
     while len(claimed) < limit:
-        params = {"sink": sink, "now": now, "limit": limit - len(claimed)}
+        params = {"sink": sink, "now": lease.now, "limit": limit - len(claimed)}
         rows = conn.execute(sql.DUE_PENDING_DELIVERIES, params).fetchall()
         rows += conn.execute(sql.EXPIRED_RUNNING_DELIVERIES, params).fetchall()
         rows = [row for row in rows if row["id"] not in seen]
@@ -785,13 +856,16 @@ def _claim_deliveries(
                 continue  # one per order; the next round excludes it anyway
             place = {"sink": sink, "brand": order[0], "order_id": order[1]}
             if _overtaken(conn, place, row["version"]):
-                conn.execute(sql.SUPERSEDE_DELIVERY, {"id": row["id"], "now": now})
+                conn.execute(sql.SUPERSEDE_DELIVERY, {"id": row["id"], "now": lease.now})
+                continue
+            if lease.abandoned(row):
+                _abandon_delivery(conn, row, lease)
                 continue
             orders_this_round.add(order)
             conn.execute(
-                sql.SUPERSEDE_OLDER_UNSENT, {**place, "version": row["version"], "now": now}
+                sql.SUPERSEDE_OLDER_UNSENT, {**place, "version": row["version"], "now": lease.now}
             )
-            claimed.append(_claim_delivery(conn, row["id"], now, lease_seconds))
+            claimed.append(_claim_delivery(conn, row["id"], lease.now, lease.seconds))
     return claimed
 
 
@@ -799,6 +873,38 @@ def _overtaken(conn: Conn, place: dict[str, Any], version: int) -> bool:
     """Has a newer version of this (sink, order) been attempted, whatever its outcome?"""
     params = {**place, "version": version}
     return conn.execute(sql.NEWER_ATTEMPTED_DELIVERY, params).fetchone() is not None
+
+
+def _abandon_delivery(conn: Conn, candidate: Row, lease: Lease) -> None:
+    """End a delivery whose leases keep running out in a dead letter (``lease_lost``)."""
+    row = conn.execute(sql.CLAIMED_DELIVERY, {"id": candidate["id"]}).fetchone()
+    error = lease.error(candidate)
+    dead = conn.execute(
+        sql.DEAD_DELIVERY,
+        {"id": row["id"], "lease_token": row["lease_token"], "error": error, "now": lease.now},
+    ).fetchone()
+    _insert_dead_letter(
+        conn,
+        kind="delivery",
+        brand=row["brand"],
+        order_id=row["order_id"],
+        sink=row["sink"],
+        reason=LEASE_LOST,
+        error=error,
+        attempts=dead["attempts"],
+        now=lease.now,
+        delivery_id=row["id"],
+        snapshot_key=row["snapshot_key"],
+    )
+    log.warning(
+        "store.lease_lost_dead_letter",
+        kind="delivery",
+        sink=row["sink"],
+        brand=row["brand"],
+        order_id=row["order_id"],
+        delivery_id=row["id"],
+        lost_leases=candidate["lost_leases"] + 1,
+    )
 
 
 def _claim_delivery(conn: Conn, delivery_id: int, now: float, lease_seconds: float) -> Delivery:
@@ -817,7 +923,7 @@ def _claim_delivery(conn: Conn, delivery_id: int, now: float, lease_seconds: flo
         order_id=row["order_id"],
         version=row["version"],
         body=bytes(row["body"]),
-        attempts=row["attempts"],
+        attempts=row["attempts"] - 1,  # the claim counted this one; the delivery tells those before
         lease_token=token,
         created_at=row["created_at"],
         first_received_at=row["first_received_at"],
@@ -842,7 +948,7 @@ def _dead_letter_delivery(
         sink=delivery.sink,
         reason=reason,
         error=error,
-        attempts=row["attempts"] + 1,
+        attempts=row["attempts"],  # counted when claimed, the one that ends here included
         now=now,
         delivery_id=delivery.id,
         snapshot_key=delivery.snapshot_key,
