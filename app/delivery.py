@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
 from opentelemetry.trace import Tracer
 
 from app import tracing
+from app.attempts import Attempt, crash_reported, observed, recorded
 from app.errors import SinkError, SinkPermanentError, SinkRetryableError
 from app.logs import get_logger
 from app.retry import RetryPolicy
@@ -26,14 +26,6 @@ from app.sinks.breaker import CircuitBreaker
 from app.store.base import Delivery, Store
 
 log = get_logger("app.delivery")
-
-
-@dataclass(frozen=True)
-class DeliveryAttempt:
-    outcome: str  # delivered, retry, dead_letter, lost_lease
-    detail: str = ""
-    delay: float | None = None
-    reason: str | None = None  # the dead letter's reason, when outcome == "dead_letter"
 
 
 class DeliveryObserver(Protocol):
@@ -132,7 +124,7 @@ class SinkDeliverer:
             attempt = await self._process(delivery)
             tracing.finish(span, attempt.outcome, attempt.detail)
 
-    async def _process(self, delivery: Delivery) -> DeliveryAttempt:
+    async def _process(self, delivery: Delivery) -> Attempt:
         """One attempt, then its canonical log line (``delivery.finished``) and metrics."""
         structlog.contextvars.bind_contextvars(
             brand=delivery.brand,
@@ -141,25 +133,24 @@ class SinkDeliverer:
             sink=self.sink.name,
             attempt=delivery.attempts + 1,
         )
-        started = time.monotonic()
-        attempt = await self.run(delivery)
-        elapsed = time.monotonic() - started
-        latency = max(0.0, self._clock() - delivery.first_received_at)
-        self._observer.delivery_finished(
-            self.sink.name, attempt.outcome, attempt.reason, elapsed, latency
-        )
-        (log.info if attempt.outcome == "delivered" else log.warning)(
-            "delivery.finished",
-            outcome=attempt.outcome,
+        return await observed(
+            self.run(delivery),
+            event="delivery.finished",
+            log=log,
+            report=self._report,
+            received_at=delivery.first_received_at,
+            clock=self._clock,
+            fine=("delivered",),
             webhook_id=delivery.snapshot_key,
             version=delivery.version,
-            duration_ms=round(elapsed * 1000, 1),
-            retry_in_s=round(attempt.delay, 1) if attempt.delay is not None else None,
-            detail=attempt.detail or None,
         )
-        return attempt
 
-    async def run(self, delivery: Delivery) -> DeliveryAttempt:
+    def _report(
+        self, outcome: str, reason: str | None, seconds: float | None, latency: float
+    ) -> None:
+        self._observer.delivery_finished(self.sink.name, outcome, reason, seconds, latency)
+
+    async def run(self, delivery: Delivery) -> Attempt:
         """Send, then record the outcome in the store and the breaker."""
         try:
             await self.sink.deliver(delivery)
@@ -167,42 +158,37 @@ class SinkDeliverer:
             return await self._failed(delivery, exc)
         self._record(failure=False)
         done = await self._store.complete_delivery(delivery, now=self._clock())
-        return DeliveryAttempt("delivered" if done else "lost_lease")
+        return recorded(done, Attempt("delivered"))
 
     async def crashed(self, delivery: Delivery, exc: Exception) -> None:
         """A bug surfaced while delivering: end it visibly, not in a retry loop."""
-        stored = await self._store.dead_letter_delivery(
-            delivery,
-            reason="internal_error",
-            error=f"{type(exc).__name__}: {exc}"[:500],
-            now=self._clock(),
-        )
-        if stored:  # else the lease was lost: another worker owns the outcome
-            self._observer.delivery_finished(
-                self.sink.name, "dead_letter", "internal_error", None, 0.0
-            )
+        attempt = await self._dead(delivery, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
+        crash_reported(attempt.outcome == "dead_letter", self._report)
 
-    async def _failed(self, delivery: Delivery, exc: SinkError) -> DeliveryAttempt:
+    async def _dead(self, delivery: Delivery, reason: str, detail: str) -> Attempt:
+        written = await self._store.dead_letter_delivery(
+            delivery, reason=reason, error=detail, now=self._clock()
+        )
+        return recorded(written, Attempt("dead_letter", f"{reason}: {detail}", reason=reason))
+
+    async def _failed(self, delivery: Delivery, exc: SinkError) -> Attempt:
         now = self._clock()
         detail = exc.detail[:500]
         if isinstance(exc, SinkPermanentError):
             # The sink answered: it is up, so this does not count against the breaker.
             self._record(failure=False)
             reason = f"http_{exc.status}" if exc.status is not None else "rejected"
-            await self._store.dead_letter_delivery(delivery, reason=reason, error=detail, now=now)
-            return DeliveryAttempt("dead_letter", f"{reason}: {detail}", reason=reason)
+            return await self._dead(delivery, reason, detail)
         self._record(failure=True)
         retry_after = exc.retry_after if isinstance(exc, SinkRetryableError) else None
         decision = self._policy.on_failure(
             attempt=delivery.attempts + 1, age=now - delivery.created_at, retry_after=retry_after
         )
         if decision.action == "dead_letter":
-            await self._store.dead_letter_delivery(
-                delivery, reason=decision.reason, error=detail, now=now
-            )
-            return DeliveryAttempt(
-                "dead_letter", f"{decision.reason}: {detail}", reason=decision.reason
-            )
-        await self._store.retry_delivery(delivery, retry_at=now + decision.delay, error=detail)
-        self._retries_until = max(self._retries_until, now + decision.delay)
-        return DeliveryAttempt("retry", detail, decision.delay)
+            return await self._dead(delivery, decision.reason, detail)
+        written = await self._store.retry_delivery(
+            delivery, retry_at=now + decision.delay, error=detail
+        )
+        if written:  # a retry another worker now owns is not this deliverer's to wait for
+            self._retries_until = max(self._retries_until, now + decision.delay)
+        return recorded(written, Attempt("retry", detail, decision.delay))

@@ -17,15 +17,16 @@ CloposPermanentError        dead letter ``rejected`` at once (a 4xx will not get
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 from opentelemetry.trace import Tracer
 
 from app import tracing
+from app.attempts import Attempt, Report, crash_reported, observed, recorded
 from app.errors import (
     CloposCredentialsRejected,
     CloposError,
@@ -48,16 +49,6 @@ class OrderFetcher(Protocol):
     """What hydration needs from Clopos (satisfied by app.clopos.CloposClient)."""
 
     async def get_order(self, order_id: int, venue_id: str | None = None) -> dict[str, Any]: ...
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """What one attempt came to, for the canonical log line and metrics."""
-
-    outcome: str  # stored, unchanged, stale, retry, rate_limited, paused, not_found, dead_letter
-    detail: str = ""
-    delay: float | None = None
-    reason: str | None = None  # the dead letter's reason, when outcome == "dead_letter"
 
 
 class AttemptObserver(Protocol):
@@ -130,6 +121,9 @@ class Hydrator:
         self._on_credentials_rejected = on_credentials_rejected
         self._clock = clock
 
+    def _report(self, job: HydrationJob) -> Report:
+        return functools.partial(self._observer.hydration_finished, job.brand)
+
     async def process(self, job: HydrationJob) -> None:
         """One attempt with its log line and metrics, traced (when tracing is on) as a
         ``hydration`` span in the notification's trace."""
@@ -156,23 +150,18 @@ class Hydrator:
         structlog.contextvars.bind_contextvars(
             brand=job.brand, order_id=job.order_id, job_id=job.id, attempt=tried + 1
         )
-        started = time.monotonic()
-        attempt = await self.run(job)
-        elapsed = time.monotonic() - started
-        latency = max(0.0, self._clock() - job.first_received_at)
-        self._observer.hydration_finished(
-            job.brand, attempt.outcome, attempt.reason, elapsed, latency
+        attempt = await observed(
+            self.run(job),
+            event="hydration.finished",
+            log=log,
+            report=self._report(job),
+            received_at=job.first_received_at,
+            clock=self._clock,
+            fine=("stored", "unchanged"),
+            notifications=len(job.notification_ids),
         )
         if attempt.outcome == "stored":
             self._on_stored()
-        (log.info if attempt.outcome in ("stored", "unchanged") else log.warning)(
-            "hydration.finished",
-            outcome=attempt.outcome,
-            notifications=len(job.notification_ids),
-            duration_ms=round(elapsed * 1000, 1),
-            retry_in_s=round(attempt.delay, 1) if attempt.delay is not None else None,
-            detail=attempt.detail or None,
-        )
         return attempt
 
     async def run(self, job: HydrationJob) -> Attempt:
@@ -198,28 +187,24 @@ class Hydrator:
     async def crashed(self, job: HydrationJob, exc: Exception) -> None:
         """A bug surfaced while processing this job: end it visibly, not in a retry loop."""
         attempt = await self._dead(job, "internal_error", f"{type(exc).__name__}: {exc}"[:500])
-        if attempt.outcome == "dead_letter":
-            self._observer.hydration_finished(job.brand, "dead_letter", "internal_error", None, 0.0)
+        crash_reported(attempt.outcome == "dead_letter", self._report(job))
 
     async def _failed(self, job: HydrationJob, exc: CloposError) -> Attempt:
         now = self._clock()
         error = exc.describe()
         if isinstance(exc, CloposRateLimited):
-            await self._retry(job, exc.retry_after, error, count=False)
-            return Attempt("rate_limited", error, exc.retry_after)
+            return await self._retry(job, Attempt("rate_limited", error, exc.retry_after))
         if isinstance(exc, CloposCredentialsRejected):
             self._on_credentials_rejected(job.brand, exc)
             # Claims skip a paused brand, so a short delay only means: due again as soon
             # as the brand resumes, not a full probe interval after that.
             delay = min(PAUSED_JOB_DELAY_SECONDS, self._paused_retry)
-            await self._retry(job, delay, error, count=False)
-            return Attempt("paused", error, delay)
+            return await self._retry(job, Attempt("paused", error, delay))
         if isinstance(exc, CloposNotFound):
             decision = self._policy.on_not_found(not_found_attempt=job.not_found_attempts + 1)
             if decision.action == "dead_letter":
                 return await self._dead(job, decision.reason, error)
-            await self._retry(job, decision.delay, error, count=False, not_found=True)
-            return Attempt("not_found", error, decision.delay)
+            return await self._retry(job, Attempt("not_found", error, decision.delay))
         if isinstance(exc, CloposTransientError | CloposUnauthorized):
             # An API 401 that survived a fresh token is not a token expiry (the client
             # handles those): count it and back off, like any failure that may pass.
@@ -228,25 +213,26 @@ class Hydrator:
             )
             if decision.action == "dead_letter":
                 return await self._dead(job, decision.reason, error)
-            await self._retry(job, decision.delay, error, count=True)
-            return Attempt("retry", error, decision.delay)
+            return await self._retry(job, Attempt("retry", error, decision.delay))
         # CloposPermanentError, or any other CloposError: it will not get better by waiting.
         # With a status, Clopos refused the request; without one, its answer was unusable.
         return await self._dead(job, "rejected" if exc.status else "invalid_response", error)
 
-    async def _retry(
-        self, job: HydrationJob, delay: float, error: str, *, count: bool, not_found: bool = False
-    ) -> None:
-        await self._store.retry_hydration(
+    async def _retry(self, job: HydrationJob, attempt: Attempt) -> Attempt:
+        """Put the job back for ``attempt`` (its outcome says what counts); the attempt
+        stands only if the store took the write."""
+        assert attempt.delay is not None
+        written = await self._store.retry_hydration(
             job,
-            retry_at=self._clock() + delay,
-            error=error,
-            count_attempt=count,
-            not_found=not_found,
+            retry_at=self._clock() + attempt.delay,
+            error=attempt.detail,
+            # Only a failure counts; a 429 or a pause is not one, a 404 has its own counter.
+            count_attempt=attempt.outcome == "retry",
+            not_found=attempt.outcome == "not_found",
         )
+        return recorded(written, attempt)
 
     async def _dead(self, job: HydrationJob, reason: str, error: str) -> Attempt:
         now = self._clock()
-        if not await self._store.dead_letter_hydration(job, reason=reason, error=error, now=now):
-            return Attempt("lost_lease", "another worker owns this job now")
-        return Attempt("dead_letter", f"{reason}: {error}", reason=reason)
+        written = await self._store.dead_letter_hydration(job, reason=reason, error=error, now=now)
+        return recorded(written, Attempt("dead_letter", f"{reason}: {error}", reason=reason))
