@@ -6,6 +6,7 @@ Runs once per backend in ``conftest.STORE_BACKENDS``. Time is driven explicitly
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -1167,3 +1168,68 @@ async def test_enqueue_many_answers_each_notice_as_enqueue_would(store: Store) -
     assert jobs[9].notification_ids == (results[0].notification_id, results[3].notification_id)
     assert jobs[8].notification_ids == (results[2].notification_id,)
     assert await store.enqueue_many([]) == []
+
+
+# --- racing claimers ------------------------------------------------------------------------
+
+
+async def test_racing_claimers_never_share_a_job(store: Store) -> None:
+    for order_id in range(1, 41):
+        await store.enqueue(notice(order_id))
+    claimed: list[HydrationJob] = []
+    for _ in range(10):
+        batches = await asyncio.gather(*(claim(store, limit=7) for _ in range(8)))
+        claimed += [job for batch in batches for job in batch]
+    ids = [job.id for job in claimed]
+    assert len(ids) == len(set(ids)) == 40, "every job once, none twice"
+
+
+async def test_racing_claimers_never_share_a_delivery_nor_an_order(store: Store) -> None:
+    for order_id in range(1, 21):
+        await hydrate(store, order_id, f"k{order_id}", sinks=("http", "log"))
+    for order_id in range(1, 6):  # a second version of some: still one in flight per order
+        await hydrate(store, order_id, f"k{order_id}b", now=T0 + 1, sinks=("http", "log"))
+    claimed: list[Delivery] = []
+    for _ in range(5):
+        batches = await asyncio.gather(
+            *(deliveries(store, sink, now=T0 + 2) for sink in ("http", "log") for _ in range(4))
+        )
+        claimed += [d for batch in batches for d in batch]
+    ids = [d.id for d in claimed]
+    assert len(ids) == len(set(ids))
+    in_flight = [(d.sink, d.order_id) for d in claimed]
+    assert len(in_flight) == len(set(in_flight)) == 40, "one per (sink, order)"
+    assert all(d.version == 2 for d in claimed if d.order_id <= 5), "the newest of each"
+
+
+@pytest.mark.parametrize("write_first", [True, False])
+async def test_a_claim_on_an_expired_lease_races_the_old_claimants_late_write(
+    store: Store, write_first: bool
+) -> None:
+    await store.enqueue(notice(7))
+    old = await claim_one(store)
+    late = T0 + LEASE + 1
+    write = store.complete_hydration(old, snap("a"), ["http"], now=late)
+    steal = claim(store, now=late)
+    if write_first:
+        result, stolen = await asyncio.gather(write, steal)
+    else:
+        stolen, result = await asyncio.gather(steal, write)
+    if result.outcome == "stored":
+        assert stolen == [], "the job was done: nothing to claim"
+    else:
+        assert result.outcome == "lost_lease"
+        assert [job.id for job in stolen] == [old.id]
+    assert (result.outcome == "stored") != bool(stolen), "exactly one of them wins"
+
+    # The same race for a delivery.
+    await hydrate(store, 8, "b", now=late, sinks=("log",))
+    (delivery,) = await deliveries(store, "log", now=late)
+    later = late + LEASE + 1
+    done_write = store.complete_delivery(delivery, now=later)
+    steal_delivery = deliveries(store, "log", now=later)
+    if write_first:
+        completed, taken = await asyncio.gather(done_write, steal_delivery)
+    else:
+        taken, completed = await asyncio.gather(steal_delivery, done_write)
+    assert completed != bool(taken), "delivered, or taken over: never both"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from app.errors import ConfigError, StoreError, StoreInUseError
-from app.store import open_store, sqlite_path
+from app.store import open_store, sql, sqlite_path
 from app.store.base import DeadLetterFilter, NewSnapshot, Notification
 from app.store.postgres import PostgresStore
 from app.store.sqlite import SqliteStore
@@ -505,3 +505,70 @@ async def test_enqueue_runs_without_a_savepoint(sqlite_store: SqliteStore) -> No
         )
     assert any(s.lstrip().startswith("INSERT INTO notifications") for s in statements)
     assert not [s for s in statements if "SAVEPOINT" in s.upper()], statements
+
+
+async def test_claims_state_their_preconditions_in_sql(tmp_path: Path) -> None:
+    """Two claimers on two connections (as two replicas would be) both read the same
+    candidate before either claims it. The second claim must change nothing: the claim
+    statements carry their status and lease conditions, so this does not depend on one
+    thread running every statement."""
+    path = tmp_path / "store.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.enqueue(notice(7))
+    job = (await store.claim_hydrations(limit=1, now=T0, lease_seconds=60))[0]
+    snapshot = NewSnapshot(key="k", body=b"{}", order_updated_at=None, hydrated_at=T0)
+    await store.complete_hydration(job, snapshot, ["http"], now=T0)
+    await store.enqueue(notice(8))
+    await store.close()
+
+    first, second = (sqlite3.connect(path, isolation_level=None) for _ in range(2))
+    for conn in (first, second):
+        conn.row_factory = sqlite3.Row
+    params = {"now": T0 + 1, "limit": 10, "exclude": "[]", "sink": "http"}
+    seen_by_both = [
+        [row["id"] for row in conn.execute(sql.DUE_PENDING_JOBS, params)]
+        for conn in (first, second)
+    ]
+    assert seen_by_both[0] == seen_by_both[1] != []
+    delivery_seen = [
+        [row["id"] for row in conn.execute(sql.DUE_PENDING_DELIVERIES, params)]
+        for conn in (first, second)
+    ]
+    assert delivery_seen[0] == delivery_seen[1] != []
+
+    def claim_job(conn: sqlite3.Connection, token: str) -> bool:
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute(
+            sql.CLAIM_JOB,
+            {
+                "id": seen_by_both[0][0],
+                "lease_until": T0 + 61,
+                "lease_token": token,
+                "max_id": 0,
+                "now": T0 + 1,
+            },
+        ).fetchone()
+        conn.execute("COMMIT")
+        return row is not None
+
+    def claim_delivery(conn: sqlite3.Connection, token: str) -> bool:
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute(
+            sql.CLAIM_DELIVERY,
+            {
+                "id": delivery_seen[0][0],
+                "lease_until": T0 + 61,
+                "lease_token": token,
+                "now": T0 + 1,
+            },
+        ).fetchone()
+        conn.execute("COMMIT")
+        return row is not None
+
+    assert [claim_job(first, "a"), claim_job(second, "b")] == [True, False]
+    assert [claim_delivery(second, "c"), claim_delivery(first, "d")] == [True, False]
+    tokens = first.execute("SELECT lease_token FROM hydration_jobs WHERE status = 'running'")
+    assert [row[0] for row in tokens] == ["a"], "the first claim keeps its lease"
+    first.close()
+    second.close()

@@ -23,6 +23,12 @@ The reconciliation poller (app/poller.py) keeps one durable **watermark** per br
 states are already stored (by content: snapshot id), so that polling a state twice
 fetches it once, and a second state within one whole second is still seen.
 
+Claims are safe under concurrency on any backend: several claimers (tasks, threads,
+replicas) may race for the same work, and each item goes to one of them. A backend
+must not rely on running statements one at a time for this: a claim changes an item
+only if it is still claimable (pending and due, or running on a lease that ran out;
+for a delivery also no sibling in flight and no newer version attempted).
+
 Every mutating call that takes a claimed record checks its ``lease_token``: if the
 lease expired and someone else claimed the record meanwhile, the call returns False
 and changes nothing (the other claimant's outcome wins). Running work extends its

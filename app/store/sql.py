@@ -87,6 +87,9 @@ UNCOVERED_SUMMARY = """
 SELECT MAX(id) AS max_id, MIN(received_at) AS first_received_at FROM notifications
 WHERE job_id = :job_id AND snapshot_id IS NULL
 """
+# A claim states its own preconditions (due, or running on a lease that ran out), so it
+# is correct under any concurrency, not only because one thread runs every statement:
+# of two claimers that picked the same candidate, the second changes nothing.
 # The attempt counts now, not when it ends: a claim that ends with no outcome (a crash,
 # a lost lease) still counts, and is one more lost lease in a row (status is still
 # 'running' only when the previous claim recorded nothing).
@@ -97,6 +100,7 @@ UPDATE hydration_jobs SET
     lost_leases = lost_leases + CASE WHEN status = 'running' THEN 1 ELSE 0 END,
     claimed_generation = generation, claimed_notification_id = :max_id, updated_at = :now
 WHERE id = :id
+  AND ((status = 'pending' AND retry_at <= :now) OR (status = 'running' AND lease_until <= :now))
 RETURNING *
 """
 RECENT_UNCOVERED_IDS = """
@@ -247,8 +251,9 @@ UPDATE deliveries SET
     status = 'superseded', lease_until = NULL, lease_token = NULL, updated_at = :now
 WHERE id = :id
 """
-# As for jobs: the attempt counts at claim time, and a claim of running work (its lease
-# ran out with nothing recorded) is one more lost lease in a row.
+# As for jobs: the claim states its preconditions (due or lease run out, no sibling in
+# flight, no newer version attempted), the attempt counts at claim time, and a claim of
+# running work (its lease ran out with nothing recorded) is one more lost lease in a row.
 CLAIM_DELIVERY = """
 UPDATE deliveries SET
     status = 'running', lease_until = :lease_until, lease_token = :lease_token,
@@ -256,6 +261,14 @@ UPDATE deliveries SET
     lost_leases = lost_leases + CASE WHEN status = 'running' THEN 1 ELSE 0 END,
     claimed_at = COALESCE(claimed_at, :now), updated_at = :now
 WHERE id = :id
+  AND ((status = 'pending' AND retry_at <= :now) OR (status = 'running' AND lease_until <= :now))
+  AND NOT EXISTS (
+    SELECT 1 FROM deliveries AS o
+    WHERE o.sink = deliveries.sink AND o.brand = deliveries.brand
+      AND o.order_id = deliveries.order_id AND o.id <> deliveries.id
+      AND ((o.status = 'running' AND o.lease_until > :now)
+           OR (o.version > deliveries.version AND o.claimed_at IS NOT NULL)))
+RETURNING id
 """
 EXTEND_DELIVERY_LEASE = """
 UPDATE deliveries SET lease_until = :lease_until

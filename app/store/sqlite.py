@@ -612,7 +612,8 @@ def _claim_hydrations(
     for candidate in candidates[:limit]:
         if lease.abandoned(candidate):
             row = conn.execute(sql.GET_JOB, {"id": candidate["id"]}).fetchone()
-            _end_job_in_letter(conn, row, LEASE_LOST, lease.error(candidate), lease.now)
+            if not _end_job_in_letter(conn, row, LEASE_LOST, lease.error(candidate), lease.now):
+                continue  # another claimer took it meanwhile
             log.warning(
                 "store.lease_lost_dead_letter",
                 kind="hydration",
@@ -622,11 +623,14 @@ def _claim_hydrations(
                 lost_leases=candidate["lost_leases"] + 1,
             )
             continue
-        claimed.append(_claim_job(conn, candidate["id"], lease.now, lease.seconds))
+        job = _claim_job(conn, candidate["id"], lease.now, lease.seconds)
+        if job is not None:
+            claimed.append(job)
     return claimed
 
 
-def _claim_job(conn: Conn, job_id: int, now: float, lease_seconds: float) -> HydrationJob:
+def _claim_job(conn: Conn, job_id: int, now: float, lease_seconds: float) -> HydrationJob | None:
+    """Lease one job, or None when it is no longer claimable (another claimer won)."""
     summary = conn.execute(sql.UNCOVERED_SUMMARY, {"job_id": job_id}).fetchone()
     max_id = summary["max_id"] or 0
     row = conn.execute(
@@ -639,6 +643,8 @@ def _claim_job(conn: Conn, job_id: int, now: float, lease_seconds: float) -> Hyd
             "now": now,
         },
     ).fetchone()
+    if row is None:
+        return None
     newest_first = conn.execute(
         sql.RECENT_UNCOVERED_IDS,
         {"job_id": job_id, "max_id": max_id, "limit": MAX_NOTIFICATION_IDS},
@@ -781,12 +787,12 @@ def _dead_letter_hydration(
     row = conn.execute(sql.LEASED_JOB, {"id": job.id, "lease_token": job.lease_token}).fetchone()
     if row is None:
         return False
-    _end_job_in_letter(conn, row, reason, error, now)
-    return True
+    return _end_job_in_letter(conn, row, reason, error, now)
 
 
-def _end_job_in_letter(conn: Conn, row: Row, reason: str, error: str, now: float) -> None:
-    """End a running job (``row``, under its current lease) in a dead letter."""
+def _end_job_in_letter(conn: Conn, row: Row, reason: str, error: str, now: float) -> bool:
+    """End a running job (``row``, under its current lease) in a dead letter; False (and
+    nothing written) when that lease is no longer current."""
     # Notices that arrived during the fetch are not covered by its failure: they get
     # their own fetch, with a fresh give-up clock from the oldest of them.
     requeue = row["generation"] > row["claimed_generation"]
@@ -797,7 +803,7 @@ def _end_job_in_letter(conn: Conn, row: Row, reason: str, error: str, now: float
             {"job_id": row["id"], "after_id": row["claimed_notification_id"]},
         ).fetchone()["oldest"]
         pending_since = now if oldest is None else oldest
-    conn.execute(
+    ended = conn.execute(
         sql.END_JOB_FAILED,
         {
             "id": row["id"],
@@ -808,7 +814,9 @@ def _end_job_in_letter(conn: Conn, row: Row, reason: str, error: str, now: float
             "error": error,
             "now": now,
         },
-    )
+    ).rowcount
+    if ended != 1:
+        return False
     _insert_dead_letter(
         conn,
         kind="hydration",
@@ -822,6 +830,7 @@ def _end_job_in_letter(conn: Conn, row: Row, reason: str, error: str, now: float
         now=now,
         job_id=row["id"],
     )
+    return True
 
 
 def _complete_delivery(conn: Conn, params: dict[str, Any]) -> bool:
@@ -861,11 +870,14 @@ def _claim_deliveries(conn: Conn, sink: str, limit: int, lease: Lease) -> list[D
             if lease.abandoned(row):
                 _abandon_delivery(conn, row, lease)
                 continue
+            delivery = _claim_delivery(conn, row["id"], lease.now, lease.seconds)
+            if delivery is None:
+                continue  # another claimer won it
             orders_this_round.add(order)
             conn.execute(
                 sql.SUPERSEDE_OLDER_UNSENT, {**place, "version": row["version"], "now": lease.now}
             )
-            claimed.append(_claim_delivery(conn, row["id"], lease.now, lease.seconds))
+            claimed.append(delivery)
     return claimed
 
 
@@ -883,6 +895,8 @@ def _abandon_delivery(conn: Conn, candidate: Row, lease: Lease) -> None:
         sql.DEAD_DELIVERY,
         {"id": row["id"], "lease_token": row["lease_token"], "error": error, "now": lease.now},
     ).fetchone()
+    if dead is None:
+        return  # another claimer took it meanwhile
     _insert_dead_letter(
         conn,
         kind="delivery",
@@ -907,12 +921,17 @@ def _abandon_delivery(conn: Conn, candidate: Row, lease: Lease) -> None:
     )
 
 
-def _claim_delivery(conn: Conn, delivery_id: int, now: float, lease_seconds: float) -> Delivery:
+def _claim_delivery(
+    conn: Conn, delivery_id: int, now: float, lease_seconds: float
+) -> Delivery | None:
+    """Lease one delivery, or None when it is no longer claimable (another claimer won)."""
     token = _token()
-    conn.execute(
+    claimed = conn.execute(
         sql.CLAIM_DELIVERY,
         {"id": delivery_id, "lease_until": now + lease_seconds, "lease_token": token, "now": now},
-    )
+    ).fetchone()
+    if claimed is None:
+        return None
     row = conn.execute(sql.CLAIMED_DELIVERY, {"id": delivery_id}).fetchone()
     return Delivery(
         id=row["id"],
