@@ -87,7 +87,7 @@ SELECT id, pg_notify('{WORK_CHANNEL}', 'hydration') AS notified FROM inserted
 # Step one of a claim: lock the due jobs (pending and due, or running with an expired
 # lease), oldest first, skipping rows another claimer or an enqueue holds.
 PICK_JOBS = f"""
-SELECT id FROM hydration_jobs
+SELECT id, status, lost_leases FROM hydration_jobs
 WHERE ((status = 'pending' AND retry_at <= %(now)s)
        OR (status = 'running' AND lease_until <= {LEASE_NOW}))
   AND NOT (brand = ANY(%(exclude)s::text[]))
@@ -110,6 +110,8 @@ WITH summary AS (
 UPDATE hydration_jobs AS j SET
     status = 'running', lease_until = {LEASE_NOW} + %(lease_seconds)s,
     lease_token = gen_random_uuid()::text, claimed_generation = j.generation,
+    attempts = j.attempts + 1,
+    lost_leases = j.lost_leases + CASE WHEN j.status = 'running' THEN 1 ELSE 0 END,
     claimed_notification_id = COALESCE(s.max_id, 0), updated_at = %(now)s
 FROM summary AS s
 WHERE j.id = s.id
@@ -117,6 +119,12 @@ WHERE j.id = s.id
        OR (j.status = 'running' AND j.lease_until <= {LEASE_NOW}))
 RETURNING j.*, s.first_received_at AS uncovered_since
 """
+# Running work renews its lease (by the lease clock), so slow work is not taken over.
+EXTEND_JOB_LEASE = f"""
+UPDATE hydration_jobs SET lease_until = {LEASE_NOW} + %(lease_seconds)s
+WHERE id = %(id)s AND status = 'running' AND lease_token = %(lease_token)s
+"""
+GET_JOB_FOR_UPDATE = "SELECT * FROM hydration_jobs WHERE id = %(id)s FOR UPDATE"
 # The newest notices each claimed job covers (at most :limit per job), oldest first.
 CLAIMED_NOTIFICATION_IDS = """
 SELECT j.id AS job_id, n.id, n.traceparent
@@ -132,6 +140,11 @@ LOCK_LEASED_JOB = """
 SELECT * FROM hydration_jobs
 WHERE id = %(id)s AND status = 'running' AND lease_token = %(lease_token)s
 FOR UPDATE
+"""
+# The order already had this exact state (a read lagging behind what was stored).
+KNOWN_STATE = """
+SELECT 1 FROM snapshots
+WHERE brand = %(brand)s AND order_id = %(order_id)s AND key = %(key)s LIMIT 1
 """
 INSERT_SNAPSHOT = """
 INSERT INTO snapshots (brand, order_id, key, version, body, order_updated_at, hydrated_at)
@@ -170,7 +183,7 @@ UPDATE hydration_jobs SET
     status = %(status)s, retry_at = %(retry_at)s, attempts = 0, not_found_attempts = 0,
     force_generation = CASE WHEN force_generation > claimed_generation
                             THEN force_generation ELSE 0 END,
-    lease_until = NULL, lease_token = NULL, last_error = NULL,
+    lease_until = NULL, lease_token = NULL, last_error = NULL, lost_leases = 0,
     pending_since = %(pending_since)s, last_version = %(last_version)s,
     last_snapshot_key = %(last_snapshot_key)s, last_updated_at = %(last_updated_at)s,
     updated_at = %(now)s
@@ -178,11 +191,11 @@ WHERE id = %(id)s
 """
 RETRY_JOB = """
 UPDATE hydration_jobs SET
-    status = 'pending', last_error = %(error)s,
+    status = 'pending', last_error = %(error)s, lost_leases = 0,
     retry_at = CASE WHEN force_generation > claimed_generation THEN retry_at
                     ELSE %(retry_at)s END,
     attempts = CASE WHEN force_generation > claimed_generation THEN 0
-                    ELSE attempts + %(add_attempt)s END,
+                    ELSE GREATEST(attempts - 1 + %(add_attempt)s, 0) END,
     not_found_attempts = CASE WHEN force_generation > claimed_generation THEN 0
                               ELSE not_found_attempts + %(add_not_found)s END,
     lease_until = NULL, lease_token = NULL, updated_at = %(now)s
@@ -190,13 +203,14 @@ WHERE id = %(id)s AND status = 'running' AND lease_token = %(lease_token)s
 """
 RELEASE_JOB = """
 UPDATE hydration_jobs SET
-    status = 'pending', lease_until = NULL, lease_token = NULL, updated_at = %(now)s
+    status = 'pending', attempts = GREATEST(attempts - 1, 0),
+    lease_until = NULL, lease_token = NULL, updated_at = %(now)s
 WHERE id = %(id)s AND status = 'running' AND lease_token = %(lease_token)s
 """
 END_JOB_FAILED = """
 UPDATE hydration_jobs SET
     status = %(status)s, retry_at = %(retry_at)s, last_error = %(error)s,
-    attempts = 0, not_found_attempts = 0,
+    attempts = 0, not_found_attempts = 0, lost_leases = 0,
     force_generation = CASE WHEN force_generation > claimed_generation
                             THEN force_generation ELSE 0 END,
     lease_until = NULL, lease_token = NULL, pending_since = %(pending_since)s,
@@ -212,7 +226,7 @@ WHERE kind = 'hydration' AND brand = %(brand)s AND order_id = %(order_id)s
 
 # Candidates of one sink, oldest due first; rows another claimer holds are skipped.
 PICK_DELIVERIES = f"""
-SELECT id, brand, order_id, version, status FROM deliveries
+SELECT id, brand, order_id, version, status, lost_leases, lease_token FROM deliveries
 WHERE sink = %(sink)s
   AND ((status = 'pending' AND retry_at <= %(now)s)
        OR (status = 'running' AND lease_until <= {LEASE_NOW}))
@@ -237,34 +251,61 @@ WHERE sink = %(sink)s AND brand = %(brand)s AND order_id = %(order_id)s
 # then loses, as for any reclaimed lease).
 VOID_EXPIRED_SIBLING = """
 UPDATE deliveries SET status = 'pending', lease_until = NULL, lease_token = NULL,
-    updated_at = %(now)s
+    lost_leases = lost_leases + 1, updated_at = %(now)s
 WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running'
 """
-NEWER_DONE_DELIVERY = """
+# Once a newer version of the (sink, order) has been attempted (claimed for sending,
+# whatever its outcome: a timeout may have landed), an older one is never sent again.
+NEWER_ATTEMPTED_DELIVERY = """
 SELECT 1 FROM deliveries
 WHERE sink = %(sink)s AND brand = %(brand)s AND order_id = %(order_id)s
-  AND status = 'done' AND version >= %(version)s
+  AND version > %(version)s AND claimed_at IS NOT NULL
 LIMIT 1
+"""
+# Claiming a version retires the older ones still waiting: they could only go out
+# behind it.
+SUPERSEDE_OLDER_UNSENT = """
+UPDATE deliveries SET
+    status = 'superseded', lease_until = NULL, lease_token = NULL, updated_at = %(now)s
+WHERE sink = %(sink)s AND brand = %(brand)s AND order_id = %(order_id)s
+  AND version < %(version)s AND status = 'pending'
 """
 SUPERSEDE_DELIVERY = """
 UPDATE deliveries SET
     status = 'superseded', lease_until = NULL, lease_token = NULL, updated_at = %(now)s
 WHERE id = %(id)s
 """
+# The attempt counts at claim time; a claim of running work (its lease ran out with
+# nothing recorded) is one more lost lease in a row.
 CLAIM_DELIVERY = f"""
 UPDATE deliveries AS d SET
     status = 'running', lease_until = {LEASE_NOW} + %(lease_seconds)s,
-    lease_token = gen_random_uuid()::text, updated_at = %(now)s
+    lease_token = gen_random_uuid()::text, updated_at = %(now)s,
+    attempts = d.attempts + 1,
+    lost_leases = d.lost_leases + CASE WHEN d.status = 'running' THEN 1 ELSE 0 END,
+    claimed_at = COALESCE(d.claimed_at, %(now)s)
 FROM snapshots AS s
 WHERE d.id = %(id)s AND s.id = d.snapshot_id
   AND ((d.status = 'pending' AND d.retry_at <= %(now)s)
        OR (d.status = 'running' AND d.lease_until <= {LEASE_NOW}))
+  AND NOT EXISTS (
+    SELECT 1 FROM deliveries AS newer
+    WHERE newer.sink = d.sink AND newer.brand = d.brand AND newer.order_id = d.order_id
+      AND newer.version > d.version AND newer.claimed_at IS NOT NULL)
 RETURNING d.*, s.key AS snapshot_key, s.body AS body,
     ARRAY(
         SELECT n.traceparent FROM notifications AS n
         WHERE n.snapshot_id = d.snapshot_id AND n.traceparent IS NOT NULL
         ORDER BY n.id LIMIT 32
     ) AS traceparents
+"""
+EXTEND_DELIVERY_LEASE = f"""
+UPDATE deliveries SET lease_until = {LEASE_NOW} + %(lease_seconds)s
+WHERE id = %(id)s AND status = 'running' AND lease_token = %(lease_token)s
+"""
+DELIVERY_FOR_LETTER = """
+SELECT d.*, s.key AS snapshot_key FROM deliveries AS d
+JOIN snapshots AS s ON s.id = d.snapshot_id WHERE d.id = %(id)s
 """
 COMPLETE_DELIVERY = """
 UPDATE deliveries SET
@@ -283,20 +324,21 @@ WHERE kind = 'delivery' AND sink = %(sink)s AND brand = %(brand)s AND order_id =
 """
 RETRY_DELIVERY = """
 UPDATE deliveries SET
-    status = 'pending', retry_at = %(retry_at)s, last_error = %(error)s,
-    attempts = attempts + %(add_attempt)s, lease_until = NULL, lease_token = NULL,
-    updated_at = %(now)s
+    status = 'pending', retry_at = %(retry_at)s, last_error = %(error)s, lost_leases = 0,
+    attempts = GREATEST(attempts - 1 + %(add_attempt)s, 0),
+    lease_until = NULL, lease_token = NULL, updated_at = %(now)s
 WHERE id = %(id)s AND status = 'running' AND lease_token = %(lease_token)s
 """
 RELEASE_DELIVERY = """
 UPDATE deliveries SET
-    status = 'pending', lease_until = NULL, lease_token = NULL, updated_at = %(now)s
+    status = 'pending', attempts = GREATEST(attempts - 1, 0),
+    lease_until = NULL, lease_token = NULL, updated_at = %(now)s
 WHERE id = %(id)s AND status = 'running' AND lease_token = %(lease_token)s
 """
 DEAD_DELIVERY = """
 UPDATE deliveries SET
     status = 'dead', last_error = %(error)s, lease_until = NULL, lease_token = NULL,
-    updated_at = %(now)s
+    lost_leases = 0, updated_at = %(now)s
 WHERE id = %(id)s AND status = 'running' AND lease_token = %(lease_token)s
 RETURNING attempts
 """
@@ -331,11 +373,13 @@ LOCK_DEAD_LETTER = "SELECT * FROM dead_letters WHERE id = %(id)s FOR UPDATE"
 DELETE_DEAD_LETTER = "DELETE FROM dead_letters WHERE id = %(id)s"
 REPLAY_DELIVERY = """
 UPDATE deliveries SET
-    status = 'pending', attempts = 0, retry_at = %(now)s, lease_until = NULL,
+    status = 'pending', attempts = 0, lost_leases = 0, retry_at = %(now)s, lease_until = NULL,
     lease_token = NULL, created_at = %(now)s, updated_at = %(now)s
 WHERE id = %(id)s AND status = 'dead'
 """
-DELIVERY_EXISTS = "SELECT 1 FROM deliveries WHERE id = %(id)s"
+DELIVERY_PLACE = """
+SELECT sink, brand, order_id, version FROM deliveries WHERE id = %(id)s FOR UPDATE
+"""
 
 # --- upkeep -----------------------------------------------------------------------------
 
@@ -346,15 +390,19 @@ DELETE FROM deliveries WHERE id IN (
   WHERE d.status IN ('done', 'superseded', 'dead') AND d.updated_at < %(cutoff)s
     AND (d.status <> 'dead'
          OR NOT EXISTS (SELECT 1 FROM dead_letters AS dl WHERE dl.delivery_id = d.id))
-    AND (d.status <> 'done'
-         OR NOT EXISTS (
-           SELECT 1 FROM dead_letters AS dl
-           WHERE dl.kind = 'delivery' AND dl.brand = d.brand AND dl.order_id = d.order_id
-             AND dl.sink = d.sink)
-         OR EXISTS (
-           SELECT 1 FROM deliveries AS n
-           WHERE n.sink = d.sink AND n.brand = d.brand AND n.order_id = d.order_id
-             AND n.status = 'done' AND n.version > d.version))
+    AND NOT (
+      d.claimed_at IS NOT NULL
+      AND EXISTS (
+        SELECT 1 FROM deliveries AS o
+        WHERE o.sink = d.sink AND o.brand = d.brand AND o.order_id = d.order_id
+          AND o.version < d.version
+          AND (o.status IN ('pending', 'running')
+               OR (o.status = 'dead' AND EXISTS (
+                     SELECT 1 FROM dead_letters AS dl WHERE dl.delivery_id = o.id))))
+      AND NOT EXISTS (
+        SELECT 1 FROM deliveries AS n
+        WHERE n.sink = d.sink AND n.brand = d.brand AND n.order_id = d.order_id
+          AND n.version > d.version AND n.claimed_at IS NOT NULL))
   LIMIT %(chunk)s
 )
 """

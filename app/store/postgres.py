@@ -35,6 +35,8 @@ from app.logs import get_logger
 from app.store import pg_sql as sql
 from app.store.base import (
     BUDGET_SPEND_KEEP_SECONDS,
+    DEFAULT_MAX_LOST_LEASES,
+    LEASE_LOST,
     CompleteResult,
     DeadLetter,
     DeadLetterFilter,
@@ -224,6 +226,7 @@ class PostgresStore:
         now: float,
         lease_seconds: float,
         exclude_brands: frozenset[str] = frozenset(),
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[HydrationJob]:
         if limit <= 0:
             return []
@@ -233,11 +236,23 @@ class PostgresStore:
             "lease_seconds": lease_seconds,
             "limit": limit,
             "exclude": sorted(exclude_brands),
+            "max_lost_leases": max_lost_leases,
         }
         jobs: list[HydrationJob] = await self._run(
             "claim_hydrations", lambda conn: _claim_hydrations(conn, params)
         )
         return jobs
+
+    async def extend_hydration_lease(
+        self, job: HydrationJob, *, now: float, lease_seconds: float
+    ) -> bool:
+        params = {
+            "id": job.id,
+            "lease_token": job.lease_token,
+            "lease_now": self._lease_now(now),
+            "lease_seconds": lease_seconds,
+        }
+        return await self._changed("extend_hydration_lease", sql.EXTEND_JOB_LEASE, params)
 
     async def complete_hydration(
         self, job: HydrationJob, snapshot: NewSnapshot, sinks: list[str], *, now: float
@@ -283,7 +298,13 @@ class PostgresStore:
     # --- delivery queue -------------------------------------------------------------------
 
     async def claim_deliveries(
-        self, *, sink: str, limit: int, now: float, lease_seconds: float
+        self,
+        *,
+        sink: str,
+        limit: int,
+        now: float,
+        lease_seconds: float,
+        max_lost_leases: int = DEFAULT_MAX_LOST_LEASES,
     ) -> list[Delivery]:
         if limit <= 0:
             return []
@@ -292,11 +313,23 @@ class PostgresStore:
             "now": now,
             "lease_now": self._lease_now(now),
             "lease_seconds": lease_seconds,
+            "max_lost_leases": max_lost_leases,
         }
         claimed: list[Delivery] = await self._run(
             "claim_deliveries", lambda conn: _claim_deliveries(conn, params, limit)
         )
         return claimed
+
+    async def extend_delivery_lease(
+        self, delivery: Delivery, *, now: float, lease_seconds: float
+    ) -> bool:
+        params = {
+            "id": delivery.id,
+            "lease_token": delivery.lease_token,
+            "lease_now": self._lease_now(now),
+            "lease_seconds": lease_seconds,
+        }
+        return await self._changed("extend_delivery_lease", sql.EXTEND_DELIVERY_LEASE, params)
 
     async def complete_delivery(self, delivery: Delivery, *, now: float) -> bool:
         params = {"id": delivery.id, "lease_token": delivery.lease_token, "now": now}
@@ -707,8 +740,37 @@ async def _notice_job(conn: Conn, job: DictRow, notice: Notification) -> bool:
     return coalesced
 
 
+def _abandoned(candidate: DictRow, max_lost: int) -> bool:
+    """Running work whose lease ran out has lost it once more; at the limit, stop."""
+    lost: int = candidate["lost_leases"]
+    return bool(candidate["status"] == "running" and lost + 1 >= max_lost)
+
+
+def _lease_lost_error(candidate: DictRow) -> str:
+    return (
+        f"its lease ran out {candidate['lost_leases'] + 1} times in a row with no outcome "
+        "(the process died, or the work outlived its lease)"
+    )
+
+
 async def _claim_hydrations(conn: Conn, params: dict[str, Any]) -> list[HydrationJob]:
-    picked = [row["id"] for row in await (await conn.execute(sql.PICK_JOBS, params)).fetchall()]
+    picked: list[int] = []
+    for candidate in await (await conn.execute(sql.PICK_JOBS, params)).fetchall():
+        if not _abandoned(candidate, params["max_lost_leases"]):
+            picked.append(candidate["id"])
+            continue
+        row = await _fetchone(conn, sql.GET_JOB_FOR_UPDATE, {"id": candidate["id"]})
+        assert row is not None  # locked by PICK_JOBS
+        error = _lease_lost_error(candidate)
+        if await _end_job_in_letter(conn, row, LEASE_LOST, error, params["now"]):
+            log.warning(
+                "store.lease_lost_dead_letter",
+                kind="hydration",
+                brand=row["brand"],
+                order_id=row["order_id"],
+                job_id=row["id"],
+                lost_leases=candidate["lost_leases"] + 1,
+            )
     if not picked:
         return []
     rows = await (await conn.execute(sql.CLAIM_JOBS, {**params, "ids": picked})).fetchall()
@@ -741,7 +803,7 @@ def _hydration_job(
         brand=row["brand"],
         order_id=row["order_id"],
         venue_id=row["venue_id"],
-        attempts=row["attempts"],
+        attempts=row["attempts"] - 1,  # the claim counted this one; the job tells those before
         not_found_attempts=row["not_found_attempts"],
         generation=row["claimed_generation"],
         lease_token=row["lease_token"],
@@ -770,20 +832,20 @@ async def _complete_hydration(
     deliveries = 0
     snapshot_id: int | None = latest["id"] if latest else None
     version: int | None = latest["version"] if latest else None
+    # By content, never by clock (as on SQLite): "stale" is a state the order already
+    # had before its newest one; a forced job stores whatever it fetched.
     if snapshot.key == last_key and not job.force:
         outcome = "unchanged"
     elif (
-        snapshot.order_updated_at is not None
-        and last_updated is not None
-        and snapshot.order_updated_at < last_updated
+        not job.force
+        and await _fetchone(conn, sql.KNOWN_STATE, {**order, "key": snapshot.key}) is not None
     ):
         outcome = "stale"
     else:
         outcome = "stored"
         last_version = max(last_version, latest["version"] if latest else 0) + 1
         last_key = snapshot.key
-        if snapshot.order_updated_at is not None:
-            last_updated = snapshot.order_updated_at
+        last_updated = snapshot.order_updated_at
         inserted = await _fetchone(
             conn,
             sql.INSERT_SNAPSHOT,
@@ -846,19 +908,26 @@ async def _dead_letter_hydration(
     row = await _fetchone(conn, sql.LOCK_LEASED_JOB, lease)
     if row is None:
         return False
+    return await _end_job_in_letter(conn, row, reason, error, now)
+
+
+async def _end_job_in_letter(conn: Conn, row: DictRow, reason: str, error: str, now: float) -> bool:
+    """End a running job (``row``, locked, under its current lease) in a dead letter;
+    False (and nothing written) when that lease is no longer current."""
     requeue = row["generation"] > row["claimed_generation"]
     pending_since: float | None = None
     if requeue:
         oldest = await _fetchone(
             conn,
             sql.OLDEST_AFTER_CLAIM,
-            {"job_id": job.id, "after_id": row["claimed_notification_id"]},
+            {"job_id": row["id"], "after_id": row["claimed_notification_id"]},
         )
         pending_since = now if oldest is None or oldest["oldest"] is None else oldest["oldest"]
-    await conn.execute(
+    ended = await conn.execute(
         sql.END_JOB_FAILED,
         {
-            **lease,
+            "id": row["id"],
+            "lease_token": row["lease_token"],
             "status": "pending" if requeue else "dead",
             "retry_at": now if requeue else row["retry_at"],
             "pending_since": pending_since,
@@ -866,17 +935,20 @@ async def _dead_letter_hydration(
             "now": now,
         },
     )
+    if ended.rowcount != 1:
+        return False
     await _insert_dead_letter(
         conn,
         kind="hydration",
-        brand=job.brand,
-        order_id=job.order_id,
+        brand=row["brand"],
+        order_id=row["order_id"],
         sink=None,
         reason=reason,
         error=error,
-        attempts=row["attempts"] + row["not_found_attempts"] + 1,
+        # Every attempt made, the one that ends here included (counted when claimed).
+        attempts=row["attempts"] + row["not_found_attempts"],
         now=now,
-        job_id=job.id,
+        job_id=row["id"],
     )
     return True
 
@@ -926,9 +998,12 @@ async def _claim_delivery(conn: Conn, params: dict[str, Any], row: DictRow) -> D
     ).fetchall()
     if any(not sibling["expired"] for sibling in siblings):
         return None  # a version of this order is in flight
-    overtaken = await _fetchone(conn, sql.NEWER_DONE_DELIVERY, {**order, "version": row["version"]})
-    if overtaken is not None:
+    version = {**order, "version": row["version"]}
+    if await _fetchone(conn, sql.NEWER_ATTEMPTED_DELIVERY, version) is not None:
         await conn.execute(sql.SUPERSEDE_DELIVERY, {"id": row["id"], "now": params["now"]})
+        return None
+    if _abandoned(row, params["max_lost_leases"]):
+        await _abandon_delivery(conn, row, params["now"])
         return None
     if siblings:
         await conn.execute(
@@ -937,6 +1012,7 @@ async def _claim_delivery(conn: Conn, params: dict[str, Any], row: DictRow) -> D
     claim = await _fetchone(conn, sql.CLAIM_DELIVERY, {**params, "id": row["id"]})
     if claim is None:
         return None
+    await conn.execute(sql.SUPERSEDE_OLDER_UNSENT, version)
     return Delivery(
         id=claim["id"],
         sink=claim["sink"],
@@ -946,7 +1022,7 @@ async def _claim_delivery(conn: Conn, params: dict[str, Any], row: DictRow) -> D
         order_id=claim["order_id"],
         version=claim["version"],
         body=bytes(claim["body"]),
-        attempts=claim["attempts"],
+        attempts=claim["attempts"] - 1,  # the claim counted this one
         lease_token=claim["lease_token"],
         created_at=claim["created_at"],
         first_received_at=claim["first_received_at"],
@@ -972,12 +1048,53 @@ async def _dead_letter_delivery(
         sink=delivery.sink,
         reason=reason,
         error=error,
-        attempts=row["attempts"] + 1,
+        attempts=row["attempts"],  # counted when claimed, the one that ends here included
         now=now,
         delivery_id=delivery.id,
         snapshot_key=delivery.snapshot_key,
     )
     return True
+
+
+async def _abandon_delivery(conn: Conn, candidate: DictRow, now: float) -> None:
+    """End a delivery whose leases keep running out in a dead letter (``lease_lost``)."""
+    error = _lease_lost_error(candidate)
+    dead = await _fetchone(
+        conn,
+        sql.DEAD_DELIVERY,
+        {
+            "id": candidate["id"],
+            "lease_token": candidate["lease_token"],
+            "error": error,
+            "now": now,
+        },
+    )
+    if dead is None:
+        return  # another claimer took it meanwhile
+    row = await _fetchone(conn, sql.DELIVERY_FOR_LETTER, {"id": candidate["id"]})
+    assert row is not None
+    await _insert_dead_letter(
+        conn,
+        kind="delivery",
+        brand=row["brand"],
+        order_id=row["order_id"],
+        sink=row["sink"],
+        reason=LEASE_LOST,
+        error=error,
+        attempts=dead["attempts"],
+        now=now,
+        delivery_id=row["id"],
+        snapshot_key=row["snapshot_key"],
+    )
+    log.warning(
+        "store.lease_lost_dead_letter",
+        kind="delivery",
+        sink=row["sink"],
+        brand=row["brand"],
+        order_id=row["order_id"],
+        delivery_id=row["id"],
+        lost_leases=candidate["lost_leases"] + 1,
+    )
 
 
 async def _insert_dead_letter(
@@ -1054,14 +1171,19 @@ async def _list_dead_letters(
 
 async def _replay(conn: Conn, letter: DictRow, mode: ReplayMode, now: float) -> None:
     """Re-queue what a (locked) dead letter describes, then remove the letter."""
-    redelivered = False
+    handled = False
     if letter["kind"] == "delivery" and mode in ("auto", "deliver"):
         delivery_id = letter["delivery_id"]
-        if await _fetchone(conn, sql.DELIVERY_EXISTS, {"id": delivery_id}) is not None:
-            await conn.execute(sql.REPLAY_DELIVERY, {"id": delivery_id, "now": now})
-            await conn.execute(sql.NOTIFY_WORK, {"kind": "delivery"})
-            redelivered = True
-    if not redelivered:
+        place = await _fetchone(conn, sql.DELIVERY_PLACE, {"id": delivery_id})
+        if place is not None:
+            if await _fetchone(conn, sql.NEWER_ATTEMPTED_DELIVERY, dict(place)) is not None:
+                # A newer state was attempted since: sending this one could go backwards.
+                await conn.execute(sql.SUPERSEDE_DELIVERY, {"id": delivery_id, "now": now})
+            else:
+                await conn.execute(sql.REPLAY_DELIVERY, {"id": delivery_id, "now": now})
+                await conn.execute(sql.NOTIFY_WORK, {"kind": "delivery"})
+            handled = True
+    if not handled:
         order = {"brand": letter["brand"], "order_id": letter["order_id"]}
         job = await _fetchone(conn, sql.GET_JOB_BY_ORDER, order)
         notice = Notification(
