@@ -41,6 +41,10 @@ at shutdown) gives the attempt back. Claims that end with nothing recorded are *
 leases*; after ``max_lost_leases`` of them in a row, the next claim ends the work in a
 dead letter (reason ``lease_lost``) instead of trying it forever.
 
+The decisions behind these semantics are pure functions in :mod:`app.store.rules`
+(tested without a database); a backend reads what a rule needs, applies it and writes
+the result.
+
 Times are epoch seconds (float) passed in by the caller, so tests can drive a clock.
 Implementations raise :class:`~app.errors.StoreError` for any failure, whatever the
 backend or the argument binding throws (an id too large for the backend included);

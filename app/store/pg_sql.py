@@ -256,11 +256,10 @@ WHERE id = ANY(%(ids)s::bigint[]) AND status = 'running'
 """
 # Once a newer version of the (sink, order) has been attempted (claimed for sending,
 # whatever its outcome: a timeout may have landed), an older one is never sent again.
-NEWER_ATTEMPTED_DELIVERY = """
-SELECT 1 FROM deliveries
+NEWEST_ATTEMPTED_VERSION = """
+SELECT MAX(version) AS version FROM deliveries
 WHERE sink = %(sink)s AND brand = %(brand)s AND order_id = %(order_id)s
-  AND version > %(version)s AND claimed_at IS NOT NULL
-LIMIT 1
+  AND claimed_at IS NOT NULL
 """
 # Claiming a version retires the older ones still waiting: they could only go out
 # behind it.

@@ -33,6 +33,7 @@ from psycopg_pool import AsyncConnectionPool
 from app.errors import StoreError
 from app.logs import get_logger
 from app.store import pg_sql as sql
+from app.store import rules
 from app.store.base import (
     BUDGET_SPEND_KEEP_SECONDS,
     DEFAULT_MAX_LOST_LEASES,
@@ -65,7 +66,6 @@ LeaseClock = Literal["database", "caller"]
 
 MAX_NOTIFICATION_IDS = 1000
 PRUNE_CHUNK = 2000
-OPERATOR_SOURCES = ("admin", "replay")
 INT8_MAX = 2**63 - 1
 # Transient conflicts between replicas' transactions: the operation is simply run again.
 RETRIED_ERRORS = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
@@ -704,53 +704,37 @@ async def _enqueue(conn: Conn, notice: Notification) -> EnqueueResult:
 
 
 async def _notice_job(conn: Conn, job: DictRow, notice: Notification) -> bool:
-    """Fold a notice into an existing job (the same rule as SQLite's)."""
-    now = notice.received_at
-    generation = job["generation"] + 1
-    status: str = job["status"]
-    attempts, not_found = job["attempts"], job["not_found_attempts"]
-    retry_at, last_error = job["retry_at"], job["last_error"]
-    since = job["pending_since"]
-    pending_since = now if since is None else min(since, now)
-    coalesced = status in ("pending", "running")
-    if status == "pending":
-        if notice.source in OPERATOR_SOURCES:
-            attempts = not_found = 0
-            retry_at = min(retry_at, now)
-        elif attempts == 0:
-            retry_at = min(retry_at, now)
-    elif status in ("done", "dead"):
-        status, attempts, not_found, retry_at, last_error = "pending", 0, 0, now, None
-    await conn.execute(
-        sql.UPDATE_JOB_ON_NOTICE,
-        {
-            "id": job["id"],
-            "status": status,
-            "venue_id": notice.venue_id if notice.venue_id is not None else job["venue_id"],
-            "generation": generation,
-            "force_generation": generation if notice.force else job["force_generation"],
-            "attempts": attempts,
-            "not_found_attempts": not_found,
-            "retry_at": retry_at,
-            "pending_since": pending_since,
-            "last_error": last_error,
-            "now": now,
-        },
+    """Fold a notice into an existing (locked) job: rules.on_notice, as on SQLite."""
+    patch = rules.on_notice(
+        rules.JobState(
+            status=job["status"],
+            venue_id=job["venue_id"],
+            generation=job["generation"],
+            force_generation=job["force_generation"],
+            attempts=job["attempts"],
+            not_found_attempts=job["not_found_attempts"],
+            retry_at=job["retry_at"],
+            pending_since=job["pending_since"],
+            last_error=job["last_error"],
+        ),
+        notice,
     )
-    return coalesced
+    await conn.execute(
+        sql.UPDATE_JOB_ON_NOTICE, {"id": job["id"], "now": notice.received_at, **patch.columns()}
+    )
+    return patch.coalesced
 
 
 def _abandoned(candidate: DictRow, max_lost: int) -> bool:
-    """Running work whose lease ran out has lost it once more; at the limit, stop."""
-    lost: int = candidate["lost_leases"]
-    return bool(candidate["status"] == "running" and lost + 1 >= max_lost)
+    return rules.abandoned(
+        status=candidate["status"],
+        lost_leases=candidate["lost_leases"],
+        max_lost_leases=max_lost,
+    )
 
 
 def _lease_lost_error(candidate: DictRow) -> str:
-    return (
-        f"its lease ran out {candidate['lost_leases'] + 1} times in a row with no outcome "
-        "(the process died, or the work outlived its lease)"
-    )
+    return rules.lease_lost_error(candidate["lost_leases"])
 
 
 async def _claim_hydrations(conn: Conn, params: dict[str, Any]) -> list[HydrationJob]:
@@ -832,17 +816,11 @@ async def _complete_hydration(
     deliveries = 0
     snapshot_id: int | None = latest["id"] if latest else None
     version: int | None = latest["version"] if latest else None
-    # By content, never by clock (as on SQLite): "stale" is a state the order already
-    # had before its newest one; a forced job stores whatever it fetched.
-    if snapshot.key == last_key and not job.force:
-        outcome = "unchanged"
-    elif (
-        not job.force
-        and await _fetchone(conn, sql.KNOWN_STATE, {**order, "key": snapshot.key}) is not None
-    ):
-        outcome = "stale"
-    else:
-        outcome = "stored"
+    seen_before = await _fetchone(conn, sql.KNOWN_STATE, {**order, "key": snapshot.key})
+    outcome = rules.fetched_state(
+        key=snapshot.key, latest_key=last_key, forced=job.force, seen_before=seen_before is not None
+    )
+    if outcome == "stored":
         last_version = max(last_version, latest["version"] if latest else 0) + 1
         last_key = snapshot.key
         last_updated = snapshot.order_updated_at
@@ -881,7 +859,9 @@ async def _complete_hydration(
                 "max_id": row["claimed_notification_id"],
             },
         )
-    requeued = row["generation"] > row["claimed_generation"]
+    requeued = rules.requeued(
+        generation=row["generation"], claimed_generation=row["claimed_generation"]
+    )
     oldest = await _fetchone(conn, sql.OLDEST_UNCOVERED, {"job_id": job.id})
     await conn.execute(
         sql.FINISH_JOB,
@@ -914,7 +894,9 @@ async def _dead_letter_hydration(
 async def _end_job_in_letter(conn: Conn, row: DictRow, reason: str, error: str, now: float) -> bool:
     """End a running job (``row``, locked, under its current lease) in a dead letter;
     False (and nothing written) when that lease is no longer current."""
-    requeue = row["generation"] > row["claimed_generation"]
+    requeue = rules.requeued(
+        generation=row["generation"], claimed_generation=row["claimed_generation"]
+    )
     pending_since: float | None = None
     if requeue:
         oldest = await _fetchone(
@@ -999,7 +981,7 @@ async def _claim_delivery(conn: Conn, params: dict[str, Any], row: DictRow) -> D
     if any(not sibling["expired"] for sibling in siblings):
         return None  # a version of this order is in flight
     version = {**order, "version": row["version"]}
-    if await _fetchone(conn, sql.NEWER_ATTEMPTED_DELIVERY, version) is not None:
+    if await _overtaken(conn, version):
         await conn.execute(sql.SUPERSEDE_DELIVERY, {"id": row["id"], "now": params["now"]})
         return None
     if _abandoned(row, params["max_lost_leases"]):
@@ -1054,6 +1036,12 @@ async def _dead_letter_delivery(
         snapshot_key=delivery.snapshot_key,
     )
     return True
+
+
+async def _overtaken(conn: Conn, place: dict[str, Any]) -> bool:
+    """Has a newer version of this (sink, order) been attempted, whatever its outcome?"""
+    newest = await _fetchone(conn, sql.NEWEST_ATTEMPTED_VERSION, place)
+    return rules.overtaken(place["version"], newest["version"] if newest else None)
 
 
 async def _abandon_delivery(conn: Conn, candidate: DictRow, now: float) -> None:
@@ -1170,20 +1158,22 @@ async def _list_dead_letters(
 
 
 async def _replay(conn: Conn, letter: DictRow, mode: ReplayMode, now: float) -> None:
-    """Re-queue what a (locked) dead letter describes, then remove the letter."""
-    handled = False
-    if letter["kind"] == "delivery" and mode in ("auto", "deliver"):
-        delivery_id = letter["delivery_id"]
-        place = await _fetchone(conn, sql.DELIVERY_PLACE, {"id": delivery_id})
-        if place is not None:
-            if await _fetchone(conn, sql.NEWER_ATTEMPTED_DELIVERY, dict(place)) is not None:
-                # A newer state was attempted since: sending this one could go backwards.
-                await conn.execute(sql.SUPERSEDE_DELIVERY, {"id": delivery_id, "now": now})
-            else:
-                await conn.execute(sql.REPLAY_DELIVERY, {"id": delivery_id, "now": now})
-                await conn.execute(sql.NOTIFY_WORK, {"kind": "delivery"})
-            handled = True
-    if not handled:
+    """Re-queue what a (locked) dead letter describes (rules.replay_action), then remove it."""
+    place = None
+    if letter["delivery_id"] is not None:
+        place = await _fetchone(conn, sql.DELIVERY_PLACE, {"id": letter["delivery_id"]})
+    action = rules.replay_action(
+        kind=letter["kind"],
+        mode=mode,
+        delivery_exists=place is not None,
+        overtaken=place is not None and await _overtaken(conn, dict(place)),
+    )
+    if action == "redeliver":
+        await conn.execute(sql.REPLAY_DELIVERY, {"id": letter["delivery_id"], "now": now})
+        await conn.execute(sql.NOTIFY_WORK, {"kind": "delivery"})
+    elif action == "supersede":  # a newer state was attempted since: never backwards
+        await conn.execute(sql.SUPERSEDE_DELIVERY, {"id": letter["delivery_id"], "now": now})
+    else:
         order = {"brand": letter["brand"], "order_id": letter["order_id"]}
         job = await _fetchone(conn, sql.GET_JOB_BY_ORDER, order)
         notice = Notification(

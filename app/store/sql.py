@@ -232,11 +232,9 @@ ORDER BY d.lease_until, d.id LIMIT :limit
 """
 # Once a newer version of the (sink, order) has been attempted (claimed for sending,
 # whatever its outcome: a timeout may have landed), an older one is never sent again.
-NEWER_ATTEMPTED_DELIVERY = """
-SELECT 1 FROM deliveries
-WHERE sink = :sink AND brand = :brand AND order_id = :order_id
-  AND version > :version AND claimed_at IS NOT NULL
-LIMIT 1
+NEWEST_ATTEMPTED_VERSION = """
+SELECT MAX(version) AS version FROM deliveries
+WHERE sink = :sink AND brand = :brand AND order_id = :order_id AND claimed_at IS NOT NULL
 """
 # Claiming a version retires the older ones still waiting (or orphaned by a lost lease):
 # they could only go out behind it.

@@ -2,7 +2,9 @@
 
 Every operation is a plain function of the connection, run on the writer thread of
 :mod:`app.store.sqlite_writer` (serially, group-committed). The semantics are the
-port's (:mod:`app.store.base`); the notes here are about how they are kept:
+port's (:mod:`app.store.base`); the decisions (coalescing a notice, comparing a fetched
+state, lost leases, superseding, replay) are :mod:`app.store.rules`, shared with the
+PostgreSQL store; the notes here are about the bookkeeping that keeps them:
 
 * A hydration job remembers what its claim covers: ``claimed_generation`` and
   ``claimed_notification_id`` (the newest notice at claim time). Completion attaches
@@ -38,7 +40,7 @@ from typing import Any, TypeVar
 
 from app.errors import StoreError
 from app.logs import get_logger
-from app.store import sql
+from app.store import rules, sql
 from app.store.base import (
     BUDGET_SPEND_KEEP_SECONDS,
     DEFAULT_MAX_LOST_LEASES,
@@ -75,8 +77,6 @@ Conn = sqlite3.Connection
 MAX_NOTIFICATION_IDS = 1000
 # Rows one prune statement deletes at most, so one prune never holds the writer long.
 PRUNE_CHUNK = 2000
-# Notices an operator sent ("hydrate now", a replay): due at once even in a backoff.
-OPERATOR_SOURCES = ("admin", "replay")
 PROCESS_NAME = f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -543,41 +543,26 @@ def _insert_job(conn: Conn, notice: Notification) -> int:
 
 
 def _notice_job(conn: Conn, job: Row, notice: Notification) -> bool:
-    """Fold a notice into an existing job; True when it joined waiting or running work."""
-    now = notice.received_at
-    generation = job["generation"] + 1
-    status: str = job["status"]
-    attempts, not_found = job["attempts"], job["not_found_attempts"]
-    retry_at, last_error = job["retry_at"], job["last_error"]
-    since = job["pending_since"]
-    pending_since = now if since is None else min(since, now)
-    coalesced = status in ("pending", "running")
-    if status == "pending":
-        if notice.source in OPERATOR_SOURCES:  # an operator asked for it now: start over
-            attempts = not_found = 0
-            retry_at = min(retry_at, now)
-        elif attempts == 0:  # not in failure backoff: due now
-            retry_at = min(retry_at, now)
-    elif status in ("done", "dead"):
-        status, attempts, not_found, retry_at, last_error = "pending", 0, 0, now, None
-    # running: only the generation moves; completion makes the job due again.
+    """Fold a notice into an existing job (rules.on_notice); True when it joined live work."""
+    patch = rules.on_notice(_job_state(job), notice)
     conn.execute(
-        sql.UPDATE_JOB_ON_NOTICE,
-        {
-            "id": job["id"],
-            "status": status,
-            "venue_id": notice.venue_id if notice.venue_id is not None else job["venue_id"],
-            "generation": generation,
-            "force_generation": generation if notice.force else job["force_generation"],
-            "attempts": attempts,
-            "not_found_attempts": not_found,
-            "retry_at": retry_at,
-            "pending_since": pending_since,
-            "last_error": last_error,
-            "now": now,
-        },
+        sql.UPDATE_JOB_ON_NOTICE, {"id": job["id"], "now": notice.received_at, **patch.columns()}
     )
-    return coalesced
+    return patch.coalesced
+
+
+def _job_state(row: Row) -> rules.JobState:
+    return rules.JobState(
+        status=row["status"],
+        venue_id=row["venue_id"],
+        generation=row["generation"],
+        force_generation=row["force_generation"],
+        attempts=row["attempts"],
+        not_found_attempts=row["not_found_attempts"],
+        retry_at=row["retry_at"],
+        pending_since=row["pending_since"],
+        last_error=row["last_error"],
+    )
 
 
 @dataclass(frozen=True)
@@ -590,15 +575,14 @@ class Lease:
     max_lost: int
 
     def abandoned(self, candidate: Row) -> bool:
-        """Running work whose lease ran out has lost it once more; at the limit, stop."""
-        lost: int = candidate["lost_leases"]
-        return bool(candidate["status"] == "running" and lost + 1 >= self.max_lost)
+        return rules.abandoned(
+            status=candidate["status"],
+            lost_leases=candidate["lost_leases"],
+            max_lost_leases=self.max_lost,
+        )
 
     def error(self, candidate: Row) -> str:
-        return (
-            f"its lease ran out {candidate['lost_leases'] + 1} times in a row with no outcome "
-            "(the process died, or the work outlived its lease)"
-        )
+        return rules.lease_lost_error(candidate["lost_leases"])
 
 
 def _claim_hydrations(
@@ -687,15 +671,13 @@ def _complete_hydration(
     # Without a new snapshot, the notices are attached to the newest existing one.
     snapshot_id: int | None = latest["id"] if latest else None
     version: int | None = latest["version"] if latest else None
-    # By content, never by clock (Clopos stamps may lie in the future): "stale" is a
-    # state this order has already moved past, i.e. the same content as an older stored
-    # snapshot. A forced hydration is delivered whatever it fetched.
-    if snapshot.key == last_key and not job.force:
-        outcome = "unchanged"
-    elif not job.force and _seen_before(conn, order, snapshot.key):
-        outcome = "stale"
-    else:
-        outcome = "stored"
+    outcome = rules.fetched_state(
+        key=snapshot.key,
+        latest_key=last_key,
+        forced=job.force,
+        seen_before=_seen_before(conn, order, snapshot.key),
+    )
+    if outcome == "stored":
         last_version = max(last_version, latest["version"] if latest else 0) + 1
         last_key = snapshot.key
         # The newest stored state's stamp, even if lower than a (wrong, future) earlier one.
@@ -715,7 +697,9 @@ def _complete_hydration(
                 "max_id": row["claimed_notification_id"],
             },
         )
-    requeued = row["generation"] > row["claimed_generation"]
+    requeued = rules.requeued(
+        generation=row["generation"], claimed_generation=row["claimed_generation"]
+    )
     oldest = conn.execute(sql.OLDEST_UNCOVERED, {"job_id": job.id}).fetchone()["oldest"]
     conn.execute(
         sql.FINISH_JOB,
@@ -795,7 +779,9 @@ def _end_job_in_letter(conn: Conn, row: Row, reason: str, error: str, now: float
     nothing written) when that lease is no longer current."""
     # Notices that arrived during the fetch are not covered by its failure: they get
     # their own fetch, with a fresh give-up clock from the oldest of them.
-    requeue = row["generation"] > row["claimed_generation"]
+    requeue = rules.requeued(
+        generation=row["generation"], claimed_generation=row["claimed_generation"]
+    )
     pending_since: float | None = None  # a dead job forgets it
     if requeue:
         oldest = conn.execute(
@@ -883,8 +869,8 @@ def _claim_deliveries(conn: Conn, sink: str, limit: int, lease: Lease) -> list[D
 
 def _overtaken(conn: Conn, place: dict[str, Any], version: int) -> bool:
     """Has a newer version of this (sink, order) been attempted, whatever its outcome?"""
-    params = {**place, "version": version}
-    return conn.execute(sql.NEWER_ATTEMPTED_DELIVERY, params).fetchone() is not None
+    newest = conn.execute(sql.NEWEST_ATTEMPTED_VERSION, place).fetchone()["version"]
+    return rules.overtaken(version, newest)
 
 
 def _abandon_delivery(conn: Conn, candidate: Row, lease: Lease) -> None:
@@ -1045,20 +1031,22 @@ def _list_dead_letters(
 
 
 def _replay(conn: Conn, letter: Row, mode: ReplayMode, now: float) -> None:
-    """Re-queue what a dead letter describes, then remove the letter."""
-    handled = False
-    if letter["kind"] == "delivery" and mode in ("auto", "deliver"):
-        delivery_id = letter["delivery_id"]
-        row = conn.execute(sql.DELIVERY_PLACE, {"id": delivery_id}).fetchone()
-        if row is not None:
-            place = {"sink": row["sink"], "brand": row["brand"], "order_id": row["order_id"]}
-            if _overtaken(conn, place, row["version"]):
-                # A newer state was attempted since: sending this one could go backwards.
-                conn.execute(sql.SUPERSEDE_DELIVERY, {"id": delivery_id, "now": now})
-            else:
-                conn.execute(sql.REPLAY_DELIVERY, {"id": delivery_id, "now": now})
-            handled = True
-    if not handled:  # a hydration letter, mode "hydrate", or the delivery is gone
+    """Re-queue what a dead letter describes (rules.replay_action), then remove the letter."""
+    delivery = None
+    if letter["delivery_id"] is not None:
+        delivery = conn.execute(sql.DELIVERY_PLACE, {"id": letter["delivery_id"]}).fetchone()
+    place = dict(delivery) if delivery is not None else {}
+    action = rules.replay_action(
+        kind=letter["kind"],
+        mode=mode,
+        delivery_exists=delivery is not None,
+        overtaken=delivery is not None and _overtaken(conn, place, delivery["version"]),
+    )
+    if action == "redeliver":
+        conn.execute(sql.REPLAY_DELIVERY, {"id": letter["delivery_id"], "now": now})
+    elif action == "supersede":  # a newer state was attempted since: never backwards
+        conn.execute(sql.SUPERSEDE_DELIVERY, {"id": letter["delivery_id"], "now": now})
+    else:
         job = conn.execute(
             sql.GET_JOB_BY_ORDER, {"brand": letter["brand"], "order_id": letter["order_id"]}
         ).fetchone()
