@@ -136,9 +136,16 @@ async def _serve(
     return exit_code
 
 
+# How long the store's writer thread may hold the GIL while the event loop waits for it
+# (Python's default is 5 ms): every socket write of the loop releases the GIL, and getting
+# it back from a busy writer cost the ingest path latency and throughput.
+SWITCH_INTERVAL_SECONDS = 0.0005
+
+
 def _run_server(main: Coroutine[Any, Any, int]) -> int:
     """Run the server on uvloop, as the ``uvicorn`` command itself does: the stdlib loop
     cost the ingest path about a fifth of its throughput (docs/benchmarks.md)."""
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
 
