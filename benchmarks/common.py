@@ -247,17 +247,17 @@ async def notify(url: str, order_ids: list[int], concurrency: int = 32) -> dict[
 
 
 def sink_count(sink: Server) -> dict[str, Any]:
-    count: dict[str, Any] = httpx.get(f"{sink.url}/count", timeout=10).json()
+    count: dict[str, Any] = httpx.get(f"{sink.url}/count", timeout=60).json()
     return count
 
 
 def sink_orders(sink: Server) -> dict[int, float]:
     """Order id -> when the sink first received it (epoch seconds)."""
-    return {int(k): v for k, v in httpx.get(f"{sink.url}/orders", timeout=10).json().items()}
+    return {int(k): v for k, v in httpx.get(f"{sink.url}/orders", timeout=60).json().items()}
 
 
 def reset_sink(sink: Server) -> None:
-    httpx.post(f"{sink.url}/reset", timeout=10).raise_for_status()
+    httpx.post(f"{sink.url}/reset", timeout=60).raise_for_status()
 
 
 def wait_delivered(sink: Server, orders: int, *, timeout: float, idle: float = 10.0) -> float:
@@ -279,9 +279,9 @@ def wait_delivered(sink: Server, orders: int, *, timeout: float, idle: float = 1
 
 
 def sandbox_stats(sandbox: Server) -> dict[str, Any]:
-    stats: dict[str, Any] = httpx.get(f"{sandbox.url}/_sandbox/stats", timeout=10).json()
+    stats: dict[str, Any] = httpx.get(f"{sandbox.url}/_sandbox/stats", timeout=60).json()
     return stats
 
 
 def reset_sandbox_counters(sandbox: Server) -> None:
-    httpx.post(f"{sandbox.url}/_sandbox/reset", json={}, timeout=10).raise_for_status()
+    httpx.post(f"{sandbox.url}/_sandbox/reset", json={}, timeout=60).raise_for_status()

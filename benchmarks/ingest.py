@@ -136,7 +136,7 @@ def measure(args: argparse.Namespace) -> list[Target]:
         bare_port = free_port()
         servers.append(Server("bare", uvicorn_cmd("benchmarks.bare_app:app", bare_port), bare_port))
         targets = [Target("bare", f"{servers[-1].url}/webhooks/clopos", server=servers[-1])]
-        stores = [("sqlite", f"sqlite:///{logs / 'bench.db'}")]
+        stores = [("sqlite", "")]  # its file is per server, below
         database_url = args.database_url
         if args.postgres and not database_url:
             with warnings.catch_warnings():  # platformdirs: no XDG_RUNTIME_DIR, uses /tmp
@@ -152,8 +152,12 @@ def measure(args: argparse.Namespace) -> list[Target]:
             (name, Path(path).resolve())
             for name, path in (item.split("=", 1) for item in args.compare)
         ]
-        for label, checkout in checkouts:
-            for store, url in stores:
+        for index, (label, checkout) in enumerate(checkouts):
+            # A compared checkout gets its own SQLite file; it skips PostgreSQL, whose one
+            # database two services would share.
+            for store, url in stores if index == 0 else stores[:1]:
+                if store == "sqlite":
+                    url = f"sqlite:///{logs / f'bench-{index}.db'}"
                 port = free_port()
                 name = f"{label} ({store})"
                 env = service_env(sandbox, url)
@@ -217,6 +221,7 @@ def report(targets: list[Target], args: argparse.Namespace) -> list[Row]:
         )
     rows = []
     for target in targets[1:]:
+        sqlite = target.name.endswith("(sqlite)")  # the goals are SQLite's
         ratios = [s / b for s, b in zip(target.rps, bare.rps, strict=True)]
         ratio = median(ratios)
         p99_factor = _p(target, 0.99) / _p(bare, 0.99)
@@ -231,8 +236,8 @@ def report(targets: list[Target], args: argparse.Namespace) -> list[Row]:
                 f"{median(target.rps):.0f}",
                 f"bare {median(bare.rps):.0f}",
                 f"{ratio:.2f}x",
-                f">= {GOAL_RATIO}x",
-                "met" if ratio >= GOAL_RATIO else "NOT met",
+                f">= {GOAL_RATIO}x" if sqlite else "(beside SQLite)",
+                ("met" if ratio >= GOAL_RATIO else "NOT met") if sqlite else "",
             )
         )
         cpu_ratio = median(bare.cpu_ms) / median(target.cpu_ms)
@@ -255,8 +260,8 @@ def report(targets: list[Target], args: argparse.Namespace) -> list[Row]:
                 f"{_p(target, 0.5):.1f} / {_p(target, 0.99):.1f}",
                 f"bare {_p(bare, 0.5):.1f} / {_p(bare, 0.99):.1f}",
                 f"p99 {p99_factor:.1f}x",
-                f"p99 <= {GOAL_P99_FACTOR:.0f}x",
-                "met" if p99_factor <= GOAL_P99_FACTOR else "NOT met",
+                f"p99 <= {GOAL_P99_FACTOR:.0f}x" if sqlite else "(beside SQLite)",
+                ("met" if p99_factor <= GOAL_P99_FACTOR else "NOT met") if sqlite else "",
             )
         )
     return rows

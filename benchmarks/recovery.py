@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         servers.append(service)
         first = list(range(1001, 1001 + args.orders))
         baseline = _p50_to_delivery(service, sink, first, timeout=60)
-        httpx.post(f"{sink.url}/outage", params={"seconds": args.outage}, timeout=10)
+        httpx.post(f"{sink.url}/outage", params={"seconds": args.outage}, timeout=60)
         second = list(range(1001 + args.orders, 1001 + 2 * args.orders))
         after_outage = _p50_to_delivery(service, sink, second, timeout=args.timeout)
     finally:
