@@ -8,7 +8,7 @@ at its default budget of 300: it learns the lower limit from ``RateLimit-Limit``
 too must survive a restart), and is killed with -9 and restarted several times while it
 fetches. Clopos must answer no 429 at all.
 
-It takes about 80 s: the window has to be full before a restart can overrun it, and at
+It takes about 75 s: the window has to be full before a restart can overrun it, and at
 60 calls a minute it fills in a minute, whatever the limit.
 """
 
@@ -28,7 +28,7 @@ TENANT_LIMIT = 60
 ORDERS = range(1001, 1201)  # far more than the window lets through during the test
 # Seconds after the backlog arrives when the running process is killed -9 and another
 # started at once: early ones while the window fills, then several into a full window.
-RESTARTS_AT = (15.0, 35.0, 58.0, 63.0, 68.0, 73.0, 78.0)
+RESTARTS_AT = (20.0, 45.0, 61.0, 66.0, 71.0)
 ORDER_PATH = "/open-api/v2/orders/"
 
 
@@ -68,7 +68,7 @@ def test_no_429_across_a_kill_9_crash_loop_under_backlog(tmp_path: Path) -> None
                 run.stop()
 
         fetches = [call for call in state.calls if call.path.startswith(ORDER_PATH)]
-        refused = [call for call in fetches if call.status == 429]
+        refused = [call for call in state.calls if call.status == 429]  # auth calls too
         after_first_restart = [call for call in fetches if call.time >= fetches[0].time + 15]
         print(
             f"{len(RESTARTS_AT)} kill -9 restarts, {len(fetches)} order fetches "
