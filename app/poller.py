@@ -45,8 +45,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
+from opentelemetry.trace import Tracer
 
-from app import ids
+from app import ids, tracing
 from app.clopos.client import OrdersPage
 from app.errors import (
     CloposCredentialsRejected,
@@ -308,7 +309,9 @@ class Poller:
         on_enqueued: Callable[[], None],
         observer: PollObserver,
         clock: Callable[[], float] = time.time,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._tracer = tracer  # None unless tracing is on
         self._store = store
         self._listers = listers
         self.interval = interval
@@ -520,6 +523,9 @@ class Poller:
         if not changed:
             return
         # One transaction and one commit for the whole page, not one per order.
+        traceparents = tracing.found_by_poller(
+            self._tracer, brand, [order.order_id for order in changed]
+        )
         notices = [
             Notification(
                 brand=brand,
@@ -528,8 +534,9 @@ class Poller:
                 venue_id=order.venue_id,
                 dedup_key=dedup_key(brand, order),
                 source="poller",
+                traceparent=traceparent,
             )
-            for order in changed
+            for order, traceparent in zip(changed, traceparents, strict=True)
         ]
         results = await self._store.enqueue_many(notices)
         for order, result in zip(changed, results, strict=True):

@@ -191,6 +191,7 @@ class Runtime:
             on_credentials_rejected=self.paused.pause,
             on_enqueued=self.wake_hydration,
             observer=self.metrics,
+            tracer=self.tracer,
         )
 
     def _delivery_loop(self, deliverer: SinkDeliverer) -> WorkLoop[Delivery]:

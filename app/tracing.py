@@ -184,6 +184,19 @@ def finish(span: Span | None, outcome: str, detail: str = "") -> None:
         span.set_status(Status(StatusCode.ERROR, detail[:200] or outcome))
 
 
+def found_by_poller(tracer: Tracer | None, brand: str, order_ids: list[int]) -> list[str | None]:
+    """A root span per order the poller found (its journey starts there, not at a
+    webhook); their traceparents, to store with the notices. Nones when tracing is off."""
+    if tracer is None:
+        return [None] * len(order_ids)
+    traceparents = []
+    for order_id in order_ids:
+        attributes: Attributes = {"clopos.brand": brand, "clopos.order_id": order_id}
+        with tracer.start_as_current_span("poller.found", context=Context(), attributes=attributes):
+            traceparents.append(current_traceparent())
+    return traceparents
+
+
 def note_order(brand: str, order_id: int) -> str | None:
     """Name the order on the current (ingest) span; its traceparent, to store with it."""
     span = trace.get_current_span()

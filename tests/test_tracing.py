@@ -244,6 +244,53 @@ async def test_without_a_tracer_nothing_is_recorded_and_no_traceparent_is_sent(
     assert "traceparent" not in request["headers"]
 
 
+async def test_an_order_the_poller_found_has_one_trace_from_the_poll_to_the_sink(
+    tmp_path: Path, sandbox: str, receiver: tuple[SinkReceiver, str]
+) -> None:
+    rx, hook = receiver
+    config = load_settings(
+        clopos_base_url=sandbox,
+        clopos_client_id=SANDBOX_CREDENTIALS["CLOPOS_CLIENT_ID"],
+        clopos_client_secret=SANDBOX_CREDENTIALS["CLOPOS_CLIENT_SECRET"],
+        clopos_brand=SANDBOX_CREDENTIALS["CLOPOS_BRAND"],
+        clopos_integrator_id=SANDBOX_CREDENTIALS["CLOPOS_INTEGRATOR_ID"],
+        webhook_secret=SECRET,
+        database_url=f"sqlite:///{tmp_path / 'polled.db'}",
+        poll_interval_seconds=30,  # one cycle at start finds the recently changed orders
+        sinks=json.loads(sinks(hook)),
+    )
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    def hook_deliveries() -> list[ReadableSpan]:
+        return [
+            s
+            for s in exporter.get_finished_spans()
+            if s.name == "delivery"
+            and s.attributes is not None
+            and s.attributes["clopos.sink"] == "hook"
+        ]
+
+    runtime = Runtime(config, tracer_provider=provider)
+    async with serve(create_app(config, runtime=runtime)):
+        assert await wait_for(lambda: hook_deliveries() and rx.received())
+    delivery = hook_deliveries()[0]
+    trace_id = delivery.context.trace_id
+    in_trace = [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
+    (found,) = [s for s in in_trace if s.name == "poller.found"]
+    assert found.parent is None  # the journey starts at the poll
+    (hydration,) = [s for s in in_trace if s.name == "hydration"]
+    assert hydration.parent is not None
+    assert hydration.parent.span_id == found.context.span_id
+    assert delivery.parent is not None
+    assert delivery.parent.span_id == found.context.span_id
+    assert found.attributes is not None
+    order_id = found.attributes["clopos.order_id"]
+    (request, *_) = rx.received(int(str(order_id)))
+    assert request["headers"]["traceparent"].split("-")[1] == f"{trace_id:032x}"
+
+
 def test_tracing_is_off_unless_the_standard_environment_asks_for_it() -> None:
     assert not tracing.tracing_requested({})
     assert tracing.start_tracing({}) is None
