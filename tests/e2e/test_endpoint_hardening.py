@@ -16,6 +16,8 @@ import httpx
 import pytest
 
 from app.sandbox import SandboxState, create_sandbox_app
+from app.service import create_app
+from app.settings import load_settings
 from app.signing import sign
 from tests.e2e.service import (
     ADMIN_TOKEN,
@@ -108,26 +110,43 @@ def test_admin_integers_at_the_top_of_the_range_are_served(service: ServiceProce
 
 # --- item 15: no redirect repeats the query string (nor the token in it) -------------------
 
+# Every route of the app (test_the_route_list_is_complete keeps this honest).
 ROUTES = [
     ("POST", "/webhooks/clopos"),
-    ("POST", "/webhooks/clopos/sandbox"),
+    ("POST", "/webhooks/clopos/{brand}"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
     ("GET", "/admin/status"),
     ("GET", "/admin/dead-letters"),
-    ("GET", "/admin/dead-letters/1"),
+    ("DELETE", "/admin/dead-letters"),
+    ("GET", "/admin/dead-letters/{dead_letter_id}"),
     ("POST", "/admin/dead-letters/replay"),
-    ("POST", "/admin/dead-letters/1/replay"),
-    ("DELETE", "/admin/dead-letters/1"),
-    ("POST", "/admin/orders/1001/hydrate"),
+    ("POST", "/admin/dead-letters/{dead_letter_id}/replay"),
+    ("DELETE", "/admin/dead-letters/{dead_letter_id}"),
+    ("POST", "/admin/orders/{order_id}/hydrate"),
 ]
+PATH_VALUES = {"brand": "sandbox", "dead_letter_id": "1", "order_id": "1001"}
 
 
-@pytest.mark.parametrize(("method", "path"), ROUTES)
+def test_the_route_list_is_complete(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name, value in service_env("http://127.0.0.1:9/open-api", tmp_path / "x.db").items():
+        monkeypatch.setenv(name, value)
+    app = create_app(load_settings())
+    declared = {
+        (method.upper(), path)
+        for path, operations in app.openapi()["paths"].items()
+        for method in operations
+    }
+    assert declared | {("GET", "/openapi.json")} == set(ROUTES)
+
+
+@pytest.mark.parametrize(("method", "template"), ROUTES)
 def test_a_trailing_slash_is_never_redirected_with_the_token(
-    service: ServiceProcess, method: str, path: str
+    service: ServiceProcess, method: str, template: str
 ) -> None:
+    path = template.format(**PATH_VALUES)
     url = f"{service.url}{path}/?token={WEBHOOK_SECRET}"
     response = httpx.request(method, url, headers=ADMIN, content=b'{"data":{"id":1001}}')
     assert not 300 <= response.status_code < 400, (path, response.status_code, response.headers)
