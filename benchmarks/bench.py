@@ -65,8 +65,8 @@ def _machine() -> list[str]:
         kb = int(Path("/proc/meminfo").read_text().split()[1])
         memory = f"{kb / 1024 / 1024:.1f} GiB"
     return [
-        f"{os.cpu_count()} CPUs ({model}), {memory} RAM, {platform.platform()}",
-        f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}",
+        f"Machine: {os.cpu_count()} CPUs ({model}), {memory} RAM, {platform.platform()}",
+        f"Software: Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}",
     ]
 
 
@@ -147,10 +147,13 @@ def main() -> None:
         "",
         f"- Command: `{command}`",
         f"- Date: {started:%Y-%m-%d %H:%M} UTC ({(finished - started).seconds // 60} min)",
-        *(f"- Machine: {line}" for line in _machine()),
+        *(f"- {line}" for line in _machine()),
         f"- Load average (1, 5, 15 min) before: {load_before}; after: {_load()}",
         "",
         *table(rows),
+        "",
+        "How the ingest path got here, step by step with its profiles: "
+        "[docs/performance.md](performance.md).",
         "",
         "## What each benchmark printed",
         "",

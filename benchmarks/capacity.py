@@ -181,12 +181,19 @@ def report(designs: list[Design], args: argparse.Namespace) -> list[Row]:
             f"(rounds: {', '.join(f'{r:.0f}' for r in d.rates)})"
         )
     service = median(by["service"].rates)
-    naive_none = median(by["naive"].rates) == 0  # every order lost: no finite ratio
+    # Below one order a second the naive design delivered (almost) nothing: a ratio to
+    # that says nothing, its count of lost orders says it all.
+    naive_none = median(by["naive"].rates) < 1.0
     vs_naive = [
         s / max(n, 1e-9) for s, n in zip(by["service"].rates, by["naive"].rates, strict=True)
     ]
     vs_raw = [s / r for s, r in zip(by["service"].rates, by["raw"].rates, strict=True)]
-    shown = "n/a (naive delivered none)" if naive_none else f"{median(vs_naive):.2f}x"
+    naive_delivered = args.orders * args.rounds - sum(by["naive"].lost)
+    shown = (
+        f"n/a (naive delivered {naive_delivered} of {args.orders * args.rounds})"
+        if naive_none
+        else f"{median(vs_naive):.2f}x"
+    )
     print(f"  service / naive {shown}, service / raw {median(vs_raw):.2f}x")
     cpu = median(by["service"].cpu_per_1000)
     return [
