@@ -351,9 +351,11 @@ class Poller:
         if now - since > limit:
             error = f": {status.last_outcome} {status.last_error}" if status.last_error else ""
             return False, f"no successful poll for {now - since:.0f}s (> {limit:.0f}s){error}"
+        # Which process polls it: on PostgreSQL the fleet's readiness names the holder.
+        here = f" (polled by {status.holder})" if status.holder else ""
         if status.last_success_at is None:
-            return True, "no poll finished yet"
-        return True, f"last poll {now - status.last_success_at:.0f}s ago"
+            return True, f"no poll finished yet{here}"
+        return True, f"last poll {now - status.last_success_at:.0f}s ago{here}"
 
     # --- the loop ---
 

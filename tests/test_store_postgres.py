@@ -251,10 +251,11 @@ async def test_one_replica_polls_a_brand_and_another_takes_over_when_it_dies(
         assert await first.lead_poller("acme") == PollerLead(leading=True, holder="replica-1")
         assert await second.lead_poller("acme") == PollerLead(leading=False, holder="replica-1")
         assert await second.lead_poller("other") == PollerLead(leading=True, holder="replica-2")
-        # replica-1's session ends as a killed process's would: the server drops it.
+        # replica-1's session ends as a killed process's would: the server drops it (and
+        # with it the lock; the timeout makes the call wait until the backend is gone).
         with psycopg.connect(pg_url, autocommit=True) as admin:
             admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
                 " WHERE application_name = 'replica-1'"
             )
         assert await second.lead_poller("acme") == PollerLead(leading=True, holder="replica-2")

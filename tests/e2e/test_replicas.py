@@ -115,10 +115,17 @@ def run(state: SandboxState, receiver: Receiver, replicas: list[ServiceProcess])
         assert wait_until(all_latest, timeout=75), "not every order's newest state arrived"
         elapsed = time.monotonic() - started
 
-        # A survivor took the poller over from the dead holder; still exactly one.
+        # A survivor took the poller over from the dead holder; still exactly one, and
+        # every survivor's /readyz names it.
         assert wait_until(
             lambda: sum(poll_status(client, r)["leading"] for r in survivors) == 1, timeout=10
         )
+        holder = next(poll_status(client, r)["holder"] for r in survivors)
+        assert holder not in holders, "the dead replica's lock was released"
+        for replica in survivors:
+            check = client.get(f"{replica.url}/readyz").json()["checks"]["poller:sandbox"]
+            assert check["ok"], check
+            assert holder in check["detail"], check
 
     accepted = receiver.received("/a", accepted=True)
     never_backwards([r for r in accepted if r.json()["order_id"] in latest])
