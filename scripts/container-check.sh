@@ -74,8 +74,9 @@ if [ -n "${CHECK_BASE_IMAGE:-}" ]; then
 elif timeout 60 docker pull -q "$BASE" >/dev/null 2>&1; then
     echo "pulled $BASE"
 else
-    MIRROR=$(grep -rhoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null |
-        grep -v security | head -1 || true)
+    # The machine's own Debian mirror: active lines only (deb822 `URIs:` or one-line `deb`).
+    MIRROR=$(grep -rhE '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null |
+        grep -oE 'https?://[^ ]+/debian/?( |$)' | grep -v security | head -1 | tr -d ' ' || true)
     MIRROR=${MIRROR:-http://deb.debian.org/debian}
     echo "no registry: building $BASE_TAG with debootstrap from $MIRROR"
     command -v debootstrap >/dev/null 2>&1 || {
