@@ -5,7 +5,8 @@
 #      if none is running;
 #   2. a base image: python:3.11-slim when a registry answers, else one made here with
 #      debootstrap from the machine's Debian mirror and `docker import`;
-#   3. the compose file, validated by Compose v2 (`docker compose config`);
+#   3. the compose file, validated by Compose v2 (`docker compose config`), every profile
+#      (the postgres profile's image is not run here: no registry, see the README);
 #   4. the image, built with this machine's package index and extra CAs as build args;
 #   5. start-up errors in the container: one line naming DATABASE_URL, exit 2;
 #   6. the image in sandbox mode on a non-default port: healthy, a notification is
@@ -110,8 +111,9 @@ else
     COMPOSE=("$WORK/compose/bin/docker-compose")
 fi
 "${COMPOSE[@]}" version
-: >"$WORK/empty.env"
-for profile in "" sandbox; do
+# No .env of the machine's: only what the postgres profile requires.
+echo "POSTGRES_PASSWORD=check-only" >"$WORK/empty.env"
+for profile in "" sandbox postgres; do
     "${COMPOSE[@]}" --env-file "$WORK/empty.env" ${profile:+--profile "$profile"} config --quiet
     echo "docker-compose.yml is valid${profile:+ with --profile $profile}"
 done

@@ -173,8 +173,8 @@ def _interpolated(value: str) -> str:
 
 
 def test_compose_services_run_real_commands() -> None:
-    services = _compose()["services"]
-    assert set(services) >= {"hydrator", "sandbox"}
+    services = {k: v for k, v in _compose()["services"].items() if k != "postgres"}
+    assert set(services) >= {"hydrator", "sandbox", "replica"}
     for name, service in services.items():
         args = build_parser().parse_args(service["command"])
         assert args.command == ("sandbox" if name == "sandbox" else "serve")
@@ -186,6 +186,26 @@ def test_compose_services_run_real_commands() -> None:
         assert "healthcheck" not in service  # the image's, which follows the port
     assert services["sandbox"]["profiles"] == ["sandbox"]
     assert "profiles" not in services["hydrator"]
+
+
+def test_compose_postgres_profile_runs_two_replicas_on_its_database() -> None:
+    services = _compose()["services"]
+    postgres, replica = services["postgres"], services["replica"]
+    assert postgres["profiles"] == replica["profiles"] == ["postgres"]
+    assert replica["deploy"]["replicas"] == 2
+    assert replica["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    # Only the store is set here (to this profile's database); the rest comes from .env.
+    assert set(replica["environment"]) == {"DATABASE_URL", "PGPASSWORD"}
+    user, database = (
+        postgres["environment"]["POSTGRES_USER"],
+        postgres["environment"]["POSTGRES_DB"],
+    )
+    assert replica["environment"]["DATABASE_URL"] == f"postgresql://{user}@postgres:5432/{database}"
+    assert replica["env_file"] == [{"path": ".env", "required": False}]
+    # One host port per replica.
+    host, ports, inner = _interpolated(replica["ports"][0]).split(":")
+    low, high = (int(p) for p in ports.split("-"))
+    assert (host, high - low + 1, inner) == ("127.0.0.1", 2, "8000")
 
 
 def test_compose_does_not_override_the_env_file() -> None:
