@@ -22,7 +22,7 @@ from app.http_errors import error_responses
 from app.logs import get_logger
 from app.poller import PollStatus
 from app.runtime import Runtime, RuntimeDep
-from app.status import ServiceStatus
+from app.status import BrandStatus, ServiceStatus, budget_used_share
 from app.store.base import DeadLetter, DeadLetterFilter, Notification
 
 log = get_logger("app.admin")
@@ -219,6 +219,7 @@ def status_json(status: ServiceStatus) -> dict[str, Any]:
             "paused_reason": brand.paused_reason,
             "budget": asdict(brand.budget) if brand.budget is not None else None,
             "poll": _poll_json(brand.poll),
+            "reads": _reads_json(brand),
         }
         for name, brand in status.brands.items()
     }
@@ -254,6 +255,21 @@ def _poll_json(poll: PollStatus | None) -> dict[str, Any] | None:
         "backlog_page": poll.backlog_page,
         "holder": poll.holder,
         "leading": poll.leading,
+    }
+
+
+def _reads_json(brand: BrandStatus) -> dict[str, Any] | None:
+    """Orders hydrated per Clopos call (list and detail) and the share of the budget used."""
+    reads = brand.reads
+    if reads is None:
+        return None
+    return {
+        "from_list": reads.from_list,
+        "calls": dict(reads.calls),
+        "orders": dict(reads.orders),
+        "orders_per_call": reads.orders_per_call(),
+        "budget_used_share": budget_used_share(brand.budget),
+        "backlog": asdict(reads.backlog) if reads.backlog is not None else None,
     }
 
 

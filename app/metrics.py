@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.status import BrandStatus, ServiceStatus
+from app.status import BrandStatus, ServiceStatus, budget_used_share
 from app.store.base import StoreStats
 
 PREFIX = "clopos_hydrator"
@@ -132,6 +132,18 @@ class _StatusCollector(Collector):
             "The tenant's requests-per-minute budget.",
             labels=["tenant"],
         )
+        reads = CounterMetricFamily(
+            f"{PREFIX}_upstream_reads",
+            "Clopos API requests by brand and read: order (GET /v2/orders/{id}) or "
+            "order_list (a page of GET /v2/orders). Orders hydrated per call is "
+            "orders_hydrated_total / upstream_reads_total.",
+            labels=["brand", "read"],
+        )
+        used = GaugeMetricFamily(
+            f"{PREFIX}_budget_used_ratio",
+            "Share of the tenant's per-minute budget spent in the last 60 s (0..1).",
+            labels=["tenant"],
+        )
         paused = GaugeMetricFamily(
             f"{PREFIX}_brand_paused",
             "1 when Clopos rejected the brand's credentials and its work is paused.",
@@ -148,8 +160,14 @@ class _StatusCollector(Collector):
                 if budget.remaining is not None:
                     remaining.add_metric([brand.tenant], float(budget.remaining))
                 limit.add_metric([brand.tenant], float(budget.limit))
+                share = budget_used_share(budget)
+                if share is not None:
+                    used.add_metric([brand.tenant], share)
             paused.add_metric([name], 1.0 if brand.paused else 0.0)
-        yield from (calls, auth, remaining, limit, paused)
+            if brand.reads is not None:
+                for read, count in sorted(brand.reads.calls.items()):
+                    reads.add_metric([name, read], count)
+        yield from (calls, auth, remaining, limit, paused, reads, used)
 
 
 class Metrics:
@@ -233,12 +251,34 @@ class Metrics:
             ["brand"],
             registry=r,
         )
+        self.orders_hydrated = Counter(
+            f"{PREFIX}_orders_hydrated",
+            "New order states stored for delivery, by brand and the read that carried "
+            "them: order (one detail call each) or order_list (up to a page per call).",
+            ["brand", "read"],
+            registry=r,
+        )
+        self.list_satisfied = Counter(
+            f"{PREFIX}_list_notifications_satisfied",
+            "Notifications satisfied by a list page read after they were received "
+            "(no detail call made for them).",
+            ["brand"],
+            registry=r,
+        )
+        self.list_fallbacks = Counter(
+            f"{PREFIX}_list_fallbacks",
+            "Listed orders a page could not decide, left to be fetched one by one.",
+            ["brand"],
+            registry=r,
+        )
 
     def hydration_finished(
         self, brand: str, outcome: str, reason: str | None, seconds: float | None, latency: float
     ) -> None:
         """``seconds`` is None when the attempt was not timed (a crash)."""
         self.hydrations.labels(brand, outcome).inc()
+        if outcome == "stored":
+            self.orders_hydrated.labels(brand, "order").inc()
         if outcome in ("stored", "unchanged", "stale") and seconds is not None:
             self.hydration_seconds.labels(brand).observe(seconds)
             self.hydration_latency.labels(brand).observe(latency)
@@ -261,6 +301,21 @@ class Metrics:
         self.poll_cycles.labels(brand, outcome).inc()
         if enqueued:
             self.poll_enqueued.labels(brand).inc(enqueued)
+
+    def list_applied(self, brand: str, stored: int, satisfied: int, fallback: int) -> None:
+        self.orders_hydrated.labels(brand, "order_list").inc(stored)
+        self.list_satisfied.labels(brand).inc(satisfied)
+        self.list_fallbacks.labels(brand).inc(fallback)
+
+    def orders_hydrated_by_read(self, brand: str) -> dict[str, int]:
+        """New order states stored for ``brand`` so far, by read (for the status)."""
+        counts = {}
+        for read in ("order", "order_list"):
+            value = self.registry.get_sample_value(
+                f"{PREFIX}_orders_hydrated_total", {"brand": brand, "read": read}
+            )
+            counts[read] = int(value or 0)
+        return counts
 
     def render(self, status: ServiceStatus) -> bytes:
         """The exposition text: event metrics, then the state gauges of ``status``."""

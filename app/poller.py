@@ -7,7 +7,10 @@ configured brand, every ``POLL_INTERVAL_SECONDS``, and enqueues a notice
 (``source="poller"``) for each listed order whose state is not the one stored:
 compared by content (the snapshot id the listed order would get), because Clopos
 stamps have whole seconds and two states in one second have equal ``updated_at``.
-From there it is ordinary work: the hydration workers fetch the order as after a
+With list hydration on (``HYDRATE_FROM_LIST``, the default), the page itself is the
+read: each new state on it is stored and delivered from the page
+(app/list_hydration.py), and only what the page cannot decide becomes a notice. From a
+notice on it is ordinary work: the hydration workers fetch the order as after a
 webhook. A poll and a webhook for one change coalesce into one fetch, and a poll of a
 state already stored enqueues nothing, so nothing is delivered twice.
 
@@ -42,7 +45,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from opentelemetry.trace import Tracer
@@ -61,6 +64,9 @@ from app.errors import (
 from app.logs import get_logger
 from app.snapshot import parse_clopos_time, snapshot_key
 from app.store.base import KnownState, Notification, Store
+
+if TYPE_CHECKING:  # app.list_hydration reads ListedOrder from here
+    from app.list_hydration import ListHydrator
 
 log = get_logger("app.poller")
 
@@ -279,6 +285,7 @@ class Cycle:
     enqueued: int = 0
     pages: int = 0
     retry_after: float = 0.0
+    hydrated: int = 0  # new states stored straight from the pages (list hydration)
 
 
 @dataclass
@@ -289,6 +296,7 @@ class _Progress:
     enqueued: int = 0
     duplicates: int = 0
     unusable: int = 0
+    hydrated: int = 0
 
 
 class Poller:
@@ -308,11 +316,15 @@ class Poller:
         on_credentials_rejected: Callable[[str, CloposError], None],
         on_enqueued: Callable[[], None],
         observer: PollObserver,
+        from_list: ListHydrator | None = None,
         clock: Callable[[], float] = time.time,
         tracer: Tracer | None = None,
     ) -> None:
+        """``from_list``: hydrate changed orders from the pages (HYDRATE_FROM_LIST);
+        without it, a changed order is a notice and the hydration workers fetch it."""
         self._tracer = tracer  # None unless tracing is on
         self._store = store
+        self._from_list = from_list
         self._listers = listers
         self.interval = interval
         self._page_size = page_size
@@ -413,7 +425,9 @@ class Poller:
             if isinstance(exc, CloposCredentialsRejected):
                 self._on_credentials_rejected(brand, exc)
             if isinstance(exc, CloposRateLimited):
-                cycle = Cycle(cycle.outcome, cycle.enqueued, cycle.pages, exc.retry_after)
+                cycle = Cycle(
+                    cycle.outcome, cycle.enqueued, cycle.pages, exc.retry_after, cycle.hydrated
+                )
         except StoreError as exc:
             cycle = self._failed(brand, "store_error", str(exc), progress)
         except Exception as exc:
@@ -433,20 +447,21 @@ class Poller:
         status.last_outcome, status.last_error = outcome, error
         # Also the number of the page that failed: the next cycle continues there.
         status.backlog_page = self._cursors[brand].page if brand in self._cursors else None
-        return Cycle(outcome, progress.enqueued, progress.pages)
+        return Cycle(outcome, progress.enqueued, progress.pages, hydrated=progress.hydrated)
 
     def _log_cycle(self, cycle: Cycle, progress: _Progress, elapsed: float) -> None:
         status_fields = {
             "outcome": cycle.outcome,
             "pages": progress.pages,
             "enqueued": progress.enqueued,
+            "hydrated": progress.hydrated,
             "duplicates": progress.duplicates or None,
             "unusable": progress.unusable or None,
             "duration_ms": round(elapsed * 1000, 1),
         }
         if cycle.outcome not in ("ok", "partial"):
             log.warning("poller.cycle_failed", **status_fields)
-        elif cycle.enqueued or cycle.outcome == "partial" or progress.unusable:
+        elif cycle.enqueued or cycle.hydrated or cycle.outcome == "partial" or progress.unusable:
             log.info("poller.cycle", **status_fields)
         else:
             # The steady state (nothing new, one call) every interval: not worth a line.
@@ -476,18 +491,20 @@ class Poller:
                 raise CloposPermanentError(
                     f"none of the {len(page.orders)} listed orders has a usable id and updated_at"
                 )
-            await self._enqueue_changed(brand, scan.candidates, now, progress)
+            await self._take_page(brand, page, scan.candidates, now, progress)
             cursor = Cursor(cursor.page + 1, cursor.floor, _newer(cursor.newest, scan.newest))
             # From here on, an error (or the page cap) continues after this page.
             self._cursors[brand] = cursor
             if scan_complete(scan, returned=len(page.orders)):
                 await self._finish_scan(brand, cursor, now)
                 self._succeeded(status, "ok", now)
-                return Cycle("ok", progress.enqueued, progress.pages)
+                return Cycle("ok", progress.enqueued, progress.pages, hydrated=progress.hydrated)
             if progress.pages >= self._max_pages:
                 status.backlog_page = cursor.page
                 self._succeeded(status, "partial", now)
-                return Cycle("partial", progress.enqueued, progress.pages)
+                return Cycle(
+                    "partial", progress.enqueued, progress.pages, hydrated=progress.hydrated
+                )
 
     async def _finish_scan(self, brand: str, cursor: Cursor, now: float) -> None:
         """Move the watermark to what the scan read; only then forget the cursor, so a
@@ -515,13 +532,25 @@ class Poller:
         start = now - self._lookback if watermark is None else watermark
         return Cursor(page=1, floor=start - self._slack)
 
-    async def _enqueue_changed(
-        self, brand: str, candidates: list[ListedOrder], now: float, progress: _Progress
+    async def _take_page(
+        self,
+        brand: str,
+        page: OrdersPage,
+        candidates: list[ListedOrder],
+        now: float,
+        progress: _Progress,
     ) -> None:
+        """Hydrate the page's new states from it (list hydration on), enqueueing only
+        what the page could not decide; or enqueue every new state (list hydration off)."""
         if not candidates:
             return
-        known = await self._store.known_states(brand, [o.order_id for o in candidates])
-        changed = changed_orders(brand, candidates, known)
+        if self._from_list is not None:
+            applied = await self._from_list.apply(brand, page, candidates)
+            progress.hydrated += applied.stored
+            changed = applied.fallback
+        else:
+            known = await self._store.known_states(brand, [o.order_id for o in candidates])
+            changed = changed_orders(brand, candidates, known)
         if not changed:
             return
         # One transaction and one commit for the whole page, not one per order.

@@ -21,12 +21,14 @@ from fastapi import Depends, Request
 from opentelemetry.trace import Tracer
 
 from app import tracing
+from app.backlog import BacklogReader
 from app.clopos import CloposClient, LocalRateBudget, make_http_client
 from app.clopos.budget import RateBudget
 from app.clopos.shared_budget import SharedRateBudget
 from app.delivery import SinkDeliverer
 from app.errors import StoreError
 from app.hydration import Hydrator
+from app.list_hydration import ListHydrator
 from app.logs import REDACTOR, get_logger
 from app.metrics import Metrics
 from app.pauses import BrandPauses
@@ -37,7 +39,15 @@ from app.sinks.base import Sink
 from app.sinks.breaker import CircuitBreaker
 from app.sinks.http import HttpSink
 from app.sinks.log import LogSink
-from app.status import BrandStatus, Check, ServiceStatus, SinkStatus, Thresholds, readiness_checks
+from app.status import (
+    BrandStatus,
+    Check,
+    ReadStatus,
+    ServiceStatus,
+    SinkStatus,
+    Thresholds,
+    readiness_checks,
+)
 from app.store import open_store
 from app.store.base import Delivery, HydrationJob, QueueStats, Store, WorkKind
 from app.store.postgres import PostgresStore
@@ -159,6 +169,16 @@ class Runtime:
         self.delivery_loops: dict[str, WorkLoop[Delivery]] = {
             name: self._delivery_loop(deliverer) for name, deliverer in self.deliverers.items()
         }
+        # List hydration (HYDRATE_FROM_LIST): the poller's pages and backlog mode.
+        self.from_list: ListHydrator | None = None
+        if settings.hydrate_from_list:
+            self.from_list = ListHydrator(
+                store=self.store,
+                sinks=[s.name for s in self.sinks],
+                observer=self.metrics,
+                on_stored=self.wake_deliveries,
+            )
+        self.backlog: BacklogReader | None = self._backlog()
         self.poller: Poller | None = self._poller()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -192,6 +212,26 @@ class Runtime:
             on_enqueued=self.wake_hydration,
             observer=self.metrics,
             tracer=self.tracer,
+            from_list=self.from_list,
+        )
+
+    def _backlog(self) -> BacklogReader | None:
+        """Backlog mode (app/backlog.py), or None when list hydration is off."""
+        settings = self.config.settings
+        if self.from_list is None or not self.clients:
+            return None
+        return BacklogReader(
+            store=self.store,
+            listers=dict(self.clients),
+            from_list=self.from_list,
+            per_minute=settings.clopos_rate_limit_per_minute,
+            horizon=settings.backlog_horizon_seconds,
+            max_pages=settings.backlog_max_pages,
+            page_size=settings.poll_page_size,
+            slack=settings.backlog_slack_seconds,
+            is_paused=lambda brand: brand in self.paused,
+            on_credentials_rejected=self.paused.pause,
+            on_cycle_end=self.wake_hydration,
         )
 
     def _delivery_loop(self, deliverer: SinkDeliverer) -> WorkLoop[Delivery]:
@@ -232,7 +272,9 @@ class Runtime:
             limit=limit,
             now=time.time(),
             lease_seconds=self.config.settings.lease_seconds,
-            exclude_brands=self.paused.brands(),
+            # A brand in backlog mode: its due jobs wait for the list pages, which may
+            # satisfy them without a call each.
+            exclude_brands=self.paused.brands() | self._listing_brands(),
             max_lost_leases=self.config.settings.max_lost_leases,
         )
 
@@ -240,6 +282,9 @@ class Runtime:
         return await self.store.extend_hydration_lease(
             job, now=time.time(), lease_seconds=self.config.settings.lease_seconds
         )
+
+    def _listing_brands(self) -> frozenset[str]:
+        return frozenset(self.backlog.holding) if self.backlog is not None else frozenset()
 
     def wake_hydration(self) -> None:
         self.hydration_loop.wake()
@@ -336,6 +381,12 @@ class Runtime:
                 paused_reason=pause.reason if pause is not None else None,
                 poll=poll,
                 poll_check=poll_check,
+                reads=ReadStatus(
+                    from_list=self.from_list is not None,
+                    calls=dict(client.calls_by_read),
+                    orders=self.metrics.orders_hydrated_by_read(name),
+                    backlog=replace(self.backlog.status(name)) if self.backlog else None,
+                ),
             )
         return brands
 
@@ -346,6 +397,8 @@ class Runtime:
         loops.update({name: loop.alive for name, loop in self.delivery_loops.items()})
         if self.poller is not None:
             loops["poller"] = self.poller.alive
+        if self.backlog is not None:
+            loops["backlog"] = self.backlog.alive
         return loops
 
     async def start(self) -> None:
@@ -362,6 +415,8 @@ class Runtime:
         self._spawn("brand-probe", self._probe_paused_brands())
         if self.poller is not None:
             self._spawn("poller", self.poller.run())
+        if self.backlog is not None:
+            self._spawn("backlog", self.backlog.run())
         settings = self.config.settings
         if settings.webhook_secret is None and settings.webhook_allow_unauthenticated:
             log.warning(
@@ -374,6 +429,7 @@ class Runtime:
             sinks=[s.name for s in self.sinks],
             store=self.config.settings.database_url.split("://")[0],
             poll_interval_s=settings.poll_interval_seconds if self.poller else None,
+            hydrate_from_list=settings.hydrate_from_list,
         )
 
     def _spawn(self, name: str, coro: object) -> None:
@@ -393,6 +449,8 @@ class Runtime:
         self._stopping = True
         if self.poller is not None:
             self.poller.stop()  # no new work while the workers drain
+        if self.backlog is not None:
+            self.backlog.stop()
         grace = self.config.settings.shutdown_grace_seconds
         await asyncio.gather(
             self.hydration_loop.stop(grace),

@@ -188,6 +188,17 @@ class Settings(BaseSettings):
     poll_lookback_seconds: float = Field(default=900.0, ge=0, le=30 * 86_400)
     poll_slack_seconds: float = Field(default=60.0, ge=1, le=3600)
 
+    # --- Hydration from list pages (app/list_hydration.py, app/backlog.py) ---
+    # A list page (receipt embedded) hydrates every order on it, no detail call each.
+    hydrate_from_list: bool = True
+    # Backlog mode: when a brand's due jobs exceed what this many seconds of its budget
+    # can fetch one by one, read recent changes with list calls instead.
+    backlog_horizon_seconds: float = Field(default=10.0, gt=0, le=3600)
+    # List calls one backlog cycle of one brand may make (across its venues).
+    backlog_max_pages: int = Field(default=10, ge=1, le=1000)
+    # Seconds read below the oldest due notice's arrival (a notice may trail its change).
+    backlog_slack_seconds: float = Field(default=10.0, ge=0, le=3600)
+
     # --- Operations ---
     admin_token: SecretStr | None = None
     ready_max_backlog: int = Field(default=10_000, ge=1)

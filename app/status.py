@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from app.backlog import BacklogStatus
 from app.clopos.budget import BudgetState
 from app.poller import PollStatus
 from app.store.base import StoreStats
@@ -31,6 +32,34 @@ class Check:
 
 
 @dataclass(frozen=True)
+class ReadStatus:
+    """A brand's Clopos reads: calls and new order states stored, by read ("order": a
+    detail call, "order_list": a list page), and backlog mode (app/backlog.py)."""
+
+    from_list: bool  # HYDRATE_FROM_LIST
+    calls: Mapping[str, int]
+    orders: Mapping[str, int]
+    backlog: BacklogStatus | None = None  # None when list hydration is off
+
+    def orders_per_call(self) -> dict[str, float | None]:
+        """Orders hydrated per Clopos call, by read and over all reads (None: no call)."""
+        ratios: dict[str, float | None] = {}
+        for read in ("order", "order_list"):
+            calls = self.calls.get(read, 0)
+            ratios[read] = round(self.orders.get(read, 0) / calls, 3) if calls else None
+        total = sum(self.calls.values())
+        ratios["all"] = round(sum(self.orders.values()) / total, 3) if total else None
+        return ratios
+
+
+def budget_used_share(budget: BudgetState | None) -> float | None:
+    """Calls in the last 60 s over the per-minute limit (None before the first call)."""
+    if budget is None or not budget.limit:
+        return None
+    return round(budget.calls_last_minute / budget.limit, 3)
+
+
+@dataclass(frozen=True)
 class BrandStatus:
     tenant: str
     calls_by_status: Mapping[str, int]  # Clopos answers by status (or error kind)
@@ -40,6 +69,7 @@ class BrandStatus:
     paused_reason: str | None = None
     poll: PollStatus | None = None  # None when polling is off
     poll_check: Check | None = None
+    reads: ReadStatus | None = None
 
     @property
     def paused(self) -> bool:

@@ -20,6 +20,7 @@ from app.store.base import (
     Delivery,
     HydrationJob,
     KnownState,
+    ListedState,
     NewSnapshot,
     Notification,
     PruneResult,
@@ -27,6 +28,7 @@ from app.store.base import (
     ReplayMode,
     Store,
     TenantSpend,
+    VenueBacklog,
 )
 
 T0 = 1_700_000_000.0
@@ -1233,3 +1235,115 @@ async def test_a_claim_on_an_expired_lease_races_the_old_claimants_late_write(
     else:
         taken, completed = await asyncio.gather(steal_delivery, done_write)
     assert completed != bool(taken), "delivered, or taken over: never both"
+
+
+# --- list pages (app/list_hydration.py) -----------------------------------------------------
+
+
+def listed(order_id: int, key: str, updated: float | None = T0) -> ListedState:
+    def render(ids: tuple[int, ...], received_at: float) -> bytes:
+        return f'{{"key":"{key}","ids":{list(ids)},"received_at":{received_at}}}'.encode()
+
+    return ListedState(order_id, "1", key, updated, render)
+
+
+async def test_a_page_covers_only_notices_received_before_it_was_read(store: Store) -> None:
+    await store.enqueue(notice(1, T0))
+    await store.enqueue(notice(1, T0 + 10))  # after the read below
+    [result] = await store.apply_listed(
+        BRAND, [listed(1, "a")], ["http"], read_at=T0 + 5, now=T0 + 6
+    )
+    assert (result.outcome, result.satisfied, result.version, result.deliveries) == (
+        "stored",
+        1,
+        1,
+        1,
+    )
+    [delivery] = await deliveries(store, now=T0 + 6)
+    assert delivery.body == b'{"key":"a","ids":[1],"received_at":1700000000.0}'
+    # The later notice keeps the job due; its fetch finds the same state: nothing new.
+    job = await claim_one(store, T0 + 10)
+    assert job.notification_ids == (2,)
+    done = await store.complete_hydration(job, snap("a", T0 + 11, T0), ["http"], now=T0 + 11)
+    assert done.outcome == "unchanged"
+    assert await claim(store, T0 + 100) == []
+
+
+async def test_a_listed_state_equal_to_the_stored_one_delivers_nothing(store: Store) -> None:
+    await hydrate(store, 1, "a", updated=T0)
+    await store.enqueue(notice(1, T0 + 1))
+    results = await store.apply_listed(
+        BRAND, [listed(1, "a"), listed(2, "b")], ["http"], read_at=T0 + 2, now=T0 + 3
+    )
+    assert [(r.order_id, r.outcome, r.satisfied) for r in results] == [
+        (1, "unchanged", 1),
+        (2, "stored", 0),  # never seen: a job of its own, nothing waiting
+    ]
+    assert await claim(store, T0 + 100) == []
+    sent = await deliveries(store, now=T0 + 100)
+    assert [(d.order_id, d.version) for d in sent] == [(1, 1), (2, 1)]  # 1's from its fetch
+    assert await store.known_states(BRAND, [2]) == {2: KnownState("b", T0)}
+
+
+async def test_listed_states_never_go_backwards(store: Store) -> None:
+    await hydrate(store, 1, "new", now=T0 + 10, updated=T0 + 5)
+    older = await store.apply_listed(
+        BRAND, [listed(1, "old", T0)], ["http"], read_at=T0 + 20, now=T0 + 21
+    )
+    # Same second, other content, read before the stored state was: nobody can tell.
+    tied = await store.apply_listed(
+        BRAND, [listed(1, "tie", T0 + 5)], ["http"], read_at=T0 + 9, now=T0 + 21
+    )
+    later = await store.apply_listed(
+        BRAND, [listed(1, "later", T0 + 5)], ["http"], read_at=T0 + 11, now=T0 + 22
+    )
+    assert [older[0].outcome, tied[0].outcome, later[0].outcome] == [
+        "stale",
+        "ambiguous",
+        "stored",
+    ]
+    assert await store.known_states(BRAND, [1]) == {1: KnownState("later", T0 + 5)}
+    # A state the order already had ("new"), listed again later: stale, not a change.
+    again = await store.apply_listed(
+        BRAND, [listed(1, "new", T0 + 5)], ["http"], read_at=T0 + 30, now=T0 + 31
+    )
+    assert again[0].outcome == "stale"
+
+
+async def test_a_stored_stamp_in_the_future_does_not_freeze_listed_changes(store: Store) -> None:
+    await hydrate(store, 1, "future", now=T0 + 1, updated=T0 + 3600)  # the stamp lies
+    [result] = await store.apply_listed(
+        BRAND, [listed(1, "real", T0 + 10)], ["http"], read_at=T0 + 11, now=T0 + 12
+    )
+    assert result.outcome == "stored"
+
+
+async def test_a_page_defers_orders_a_fetch_owns_and_skips_unasked_ones(store: Store) -> None:
+    await hydrate(store, 3, "c", updated=T0)  # done: nothing waits
+    await store.enqueue(notice(1, T0))
+    job = await claim_one(store, T0)  # in flight
+    await store.enqueue(notice(2, T0, force=True))  # an operator's forced fetch
+    owned = await store.apply_listed(
+        BRAND, [listed(1, "a"), listed(2, "b")], ["http"], read_at=T0 + 5, now=T0 + 6
+    )
+    assert [r.outcome for r in owned] == ["deferred", "deferred"]
+    unasked = await store.apply_listed(
+        BRAND,
+        [listed(3, "c2", T0 + 1), listed(4, "d")],
+        ["http"],
+        read_at=T0 + 5,
+        now=T0 + 6,
+        notified_only=True,  # backlog mode: only orders with notices waiting
+    )
+    assert [r.outcome for r in unasked] == ["skipped", "skipped"]
+    assert await store.known_states(BRAND, [4]) == {4: KnownState()}
+    assert job.order_id == 1
+
+
+async def test_due_work_by_venue(store: Store) -> None:
+    for order_id, venue, at in [(1, None, T0), (2, None, T0 + 1), (3, "7", T0 + 2)]:
+        await store.enqueue(notice(order_id, at, venue_id=venue))
+    await store.enqueue(notice(4, T0 + 50))  # not due yet at T0 + 10
+    groups = await store.due_by_venue(BRAND, now=T0 + 10)
+    assert groups == [VenueBacklog(None, 2, T0), VenueBacklog("7", 1, T0 + 2)]
+    assert await store.due_by_venue("other", now=T0 + 10) == []

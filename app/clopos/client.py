@@ -58,6 +58,8 @@ log = get_logger("app.clopos")
 # The receipt embed, as the docs write it and as they encode it on the wire.
 RECEIPT_WITH = "receipt:id,service_notification_id,status"
 RECEIPT_QUERY = "with%5B0%5D=" + quote(RECEIPT_WITH, safe="")
+# Which read a route is, for counting calls (and orders per call) by read.
+READS = {"/v2/orders/{id}": "order", "/v2/orders": "order_list"}
 
 # ``error`` ids of a 200 ``success: false`` answer that mean "your token is not good".
 _AUTH_ERROR_IDS = frozenset(
@@ -86,6 +88,9 @@ class OrdersPage:
     total: int | None
     page: int
     limit: int
+    # When the request that read this page was sent (our clock, after the budget wait):
+    # every change notified before then is on the page, or older than what it lists.
+    requested_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,8 @@ class CloposClient:
 
         self.auth_calls = 0
         self.calls_by_status: dict[str, int] = {}
+        # API requests sent, by read: "order" (GET /v2/orders/{id}), "order_list".
+        self.calls_by_read: dict[str, int] = {"order": 0, "order_list": 0}
 
         self._token: str | None = None
         self._expires_at: float | None = None
@@ -277,7 +284,7 @@ class CloposClient:
             )
         _check_venue(venue_id)
         url = f"{self._base}/v2/orders/{order_id}?{RECEIPT_QUERY}"
-        body = await self._api_get(url, venue_id, route="/v2/orders/{id}")
+        body, _ = await self._api_get(url, venue_id, route="/v2/orders/{id}")
         data = body.get("data")
         if not isinstance(data, dict):
             raise CloposPermanentError("response has no 'data' object", status=200)
@@ -319,33 +326,41 @@ class CloposClient:
         if with_receipt:
             pairs.append(("with[0]", RECEIPT_WITH))
         url = f"{self._base}/v2/orders?{urlencode(pairs, quote_via=quote)}"
-        body = await self._api_get(url, venue_id, route="/v2/orders")
+        body, sent_at = await self._api_get(url, venue_id, route="/v2/orders")
         data = body.get("data")
         if not isinstance(data, list) or not all(isinstance(o, dict) for o in data):
             raise CloposPermanentError("response has no 'data' list of orders", status=200)
-        return OrdersPage(orders=data, total=_orders_total(body), page=page, limit=limit)
+        return OrdersPage(
+            orders=data, total=_orders_total(body), page=page, limit=limit, requested_at=sent_at
+        )
 
     # --- authenticated calls ------------------------------------------------------------
 
-    async def _api_get(self, url: str, venue_id: str | None, *, route: str) -> dict[str, Any]:
-        """GET an API route; refresh the token and retry once on an auth refusal."""
-        response, token = await self._authenticated_get(url, venue_id, route)
+    async def _api_get(
+        self, url: str, venue_id: str | None, *, route: str
+    ) -> tuple[dict[str, Any], float]:
+        """GET an API route; refresh the token and retry once on an auth refusal.
+        Returns the body and when the request that answered was sent."""
+        response, token, sent_at = await self._authenticated_get(url, venue_id, route)
         body = _json_object(response)
         if response.status_code == 401 or _looks_like_auth(body):
-            response, token = await self._authenticated_get(url, venue_id, route, stale=token)
+            response, token, sent_at = await self._authenticated_get(
+                url, venue_id, route, stale=token
+            )
             body = _json_object(response)
         error = _error_for(response, body)
         if error is not None:
             raise error
         if body is None:  # _error_for() already refuses this; keeps the type exact
             raise CloposPermanentError("response is not a JSON object")
-        return body
+        return body, sent_at
 
     async def _authenticated_get(
         self, url: str, venue_id: str | None, route: str, *, stale: str | None = None
-    ) -> tuple[httpx.Response, str]:
-        """One budgeted call. The budget is waited for *before* the token is taken, so
-        a wait for the budget (up to a minute) never sends a token that expired meanwhile.
+    ) -> tuple[httpx.Response, str, float]:
+        """One budgeted call, and when it was sent. The budget is waited for *before* the
+        token is taken, so a wait for the budget (up to a minute) never sends a token
+        that expired meanwhile.
 
         Traced (when on) as a CLIENT span named for the route template (``route``), with
         the status and how long the budget made the call wait."""
@@ -360,6 +375,9 @@ class CloposClient:
             if venue_id is not None:
                 headers["x-venue"] = str(venue_id)
             started = time.perf_counter()
+            sent_at = self._clock()
+            read = READS.get(route, route)
+            self.calls_by_read[read] = self.calls_by_read.get(read, 0) + 1
             response = await self._send("GET", url, headers=headers, count=True)
             self._budget.observe(tenant, status=response.status_code, headers=response.headers)
             if span is not None:
@@ -374,7 +392,7 @@ class CloposClient:
             venue_id=venue_id,
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
         )
-        return response, token
+        return response, token, sent_at
 
     async def _acquire_budget(self, tenant: str) -> None:
         """Wait for the tenant budget, but not longer than ``budget_wait_limit``: a caller

@@ -114,6 +114,10 @@ class SandboxApi:
         if kind == "401":
             message = "Invalid credentials" if route == "auth" else "Invalid token"
             return _error(401, "unauthorized", message)
+        if kind == "404":
+            # As Clopos answers for what is not in the targeted brand and venue (e.g. a
+            # list with an x-venue the token may not read).
+            return _error(404, "resource_not_found", "Not found")
         if kind == "success_false":
             message = TEST_MODE_MESSAGE if route == "auth" else "The request could not be completed"
             return Answer(200, {"success": False, "message": message})

@@ -32,7 +32,7 @@ DEFAULT_BRAND = "sandbox"
 DEFAULT_INTEGRATOR_ID = "sandbox-integrator"
 DEFAULT_VENUE_ID = 1
 AUTH_PATH = "/open-api/v2/auth"
-FAULT_KINDS = frozenset({"500", "504", "429", "success_false", "401", "hang"})
+FAULT_KINDS = frozenset({"500", "504", "429", "success_false", "401", "404", "hang"})
 FAULT_ROUTES = frozenset({"orders", "auth"})
 
 

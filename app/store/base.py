@@ -231,6 +231,46 @@ class StoreStats:
 
 
 @dataclass(frozen=True)
+class ListedState:
+    """One order as a page of ``GET /v2/orders`` (receipt embedded) showed it: a state
+    ready to be stored as a snapshot without a detail call (app/list_hydration.py)."""
+
+    order_id: int
+    venue_id: str | None  # where a later fetch of the order goes (x-venue)
+    key: str  # the snapshot id of this content: the id a detail read of it has
+    updated_at: float | None
+    # The body sinks receive, given the notices this read covers (oldest first) and when
+    # the oldest arrived (the read's own time when it covers none).
+    render: Callable[[tuple[int, ...], float], bytes]
+
+
+# stored: a new state, delivered. unchanged: the stored state. stale: older than the
+#   stored state. These three satisfy the order's notices received before the read.
+# ambiguous: same stamp, other content, read no later than the stored state: which is
+#   newer cannot be told, so nothing changes (a fetch will tell).
+# deferred: the order is not the list's to decide (a fetch in flight, an operator's
+#   forced fetch, a dead job): nothing changes.
+# skipped: not asked for (notified_only, and the order has no notice waiting).
+ListedOutcome = Literal["stored", "unchanged", "stale", "ambiguous", "deferred", "skipped"]
+
+
+@dataclass(frozen=True)
+class ListedResult:
+    order_id: int
+    outcome: ListedOutcome
+    satisfied: int = 0  # notices this read covered
+    version: int | None = None
+    deliveries: int = 0
+
+
+@dataclass(frozen=True)
+class VenueBacklog:
+    venue_id: str | None  # None: the token's default venue
+    due: int
+    oldest_received_at: float
+
+
+@dataclass(frozen=True)
 class KnownState:
     """The newest stored state of an order, as the poller compares a listed one with it:
     by content (``key``, the snapshot id) first; ``updated_at`` only says which is older."""
@@ -459,6 +499,30 @@ class Store(Protocol):
         """Become, or stay, the one process polling ``brand`` among all that share this
         store; if another holds it, say which. A holder that dies (even kill -9) lets go,
         and the next process to ask takes over."""
+
+    async def apply_listed(
+        self,
+        brand: str,
+        states: Sequence[ListedState],
+        sinks: list[str],
+        *,
+        read_at: float,
+        now: float,
+        notified_only: bool = False,
+    ) -> list[ListedResult]:
+        """Apply one list page's states, in one transaction ("a read after the notice
+        satisfies it"): each order's state is judged against its newest stored one by
+        content; a new state is stored as the next version with one delivery per sink
+        (superseding older undelivered ones), as a completed fetch would be; and every
+        notice of the order received before ``read_at`` is covered. Notices received
+        later keep the job pending. Orders with a fetch in flight, a forced fetch asked,
+        or a dead job are ``deferred`` untouched. With ``notified_only``, orders with no
+        pending job are ``skipped``; otherwise an order never seen gets a job (done).
+        """
+
+    async def due_by_venue(self, brand: str, *, now: float) -> list[VenueBacklog]:
+        """The brand's due hydration jobs (pending and due, not forced) per venue: how
+        many, and when the oldest notice behind them arrived; the largest group first."""
 
     async def known_states(self, brand: str, order_ids: Sequence[int]) -> dict[int, KnownState]:
         """For each order id: the id and Clopos ``updated_at`` of its newest stored state

@@ -32,8 +32,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from app.errors import StoreError
 from app.logs import get_logger
+from app.store import pg_listed, rules
 from app.store import pg_sql as sql
-from app.store import rules
 from app.store.base import (
     BUDGET_SPEND_KEEP_SECONDS,
     DEFAULT_MAX_LOST_LEASES,
@@ -48,6 +48,8 @@ from app.store.base import (
     HydrationJob,
     HydrationOutcome,
     KnownState,
+    ListedResult,
+    ListedState,
     NewSnapshot,
     Notification,
     PollerLead,
@@ -56,6 +58,7 @@ from app.store.base import (
     ReplayMode,
     StoreStats,
     TenantSpend,
+    VenueBacklog,
     WorkKind,
 )
 from app.store.pg_migrate import migrate
@@ -560,6 +563,36 @@ class PostgresStore:
         if leader is not None:
             with contextlib.suppress(psycopg.Error, OSError):
                 await leader.close()
+
+    async def apply_listed(
+        self,
+        brand: str,
+        states: Sequence[ListedState],
+        sinks: list[str],
+        *,
+        read_at: float,
+        now: float,
+        notified_only: bool = False,
+    ) -> list[ListedResult]:
+        if not states:
+            return []
+        for state in states:
+            _int8(state.order_id)
+
+        async def apply(conn: Conn) -> list[ListedResult]:
+            return await pg_listed.apply_listed(
+                conn, brand, states, sinks, read_at, now, notified_only
+            )
+
+        results: list[ListedResult] = await self._run("apply_listed", apply)
+        return results
+
+    async def due_by_venue(self, brand: str, *, now: float) -> list[VenueBacklog]:
+        async def read(conn: Conn) -> list[VenueBacklog]:
+            return await pg_listed.due_by_venue(conn, brand, now)
+
+        groups: list[VenueBacklog] = await self._run("due_by_venue", read)
+        return groups
 
     async def known_states(self, brand: str, order_ids: Sequence[int]) -> dict[int, KnownState]:
         if not order_ids:

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from app.errors import StoreError
 from app.logs import get_logger
-from app.store import rules, sql
+from app.store import rules, sql, sqlite_listed
 from app.store.base import (
     BUDGET_SPEND_KEEP_SECONDS,
     DEFAULT_MAX_LOST_LEASES,
@@ -55,6 +55,8 @@ from app.store.base import (
     HydrationJob,
     HydrationOutcome,
     KnownState,
+    ListedResult,
+    ListedState,
     NewSnapshot,
     Notification,
     PollerLead,
@@ -63,6 +65,7 @@ from app.store.base import (
     ReplayMode,
     StoreStats,
     TenantSpend,
+    VenueBacklog,
     WorkKind,
 )
 from app.store.lock import DatabaseLock
@@ -441,6 +444,30 @@ class SqliteStore:
     async def lead_poller(self, brand: str) -> PollerLead:
         # One process per file (an OS lock enforces it): this one polls every brand.
         return PollerLead(leading=True, holder=PROCESS_NAME)
+
+    async def apply_listed(
+        self,
+        brand: str,
+        states: Sequence[ListedState],
+        sinks: list[str],
+        *,
+        read_at: float,
+        now: float,
+        notified_only: bool = False,
+    ) -> list[ListedResult]:
+        if not states:
+            return []
+        return await self.run(
+            "apply_listed",
+            lambda conn: sqlite_listed.apply_listed(
+                conn, brand, states, sinks, read_at, now, notified_only
+            ),
+        )
+
+    async def due_by_venue(self, brand: str, *, now: float) -> list[VenueBacklog]:
+        return await self.run(
+            "due_by_venue", lambda conn: sqlite_listed.due_by_venue(conn, brand, now)
+        )
 
     async def known_states(self, brand: str, order_ids: Sequence[int]) -> dict[int, KnownState]:
         if not order_ids:

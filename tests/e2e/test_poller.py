@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.sandbox.orders import iso
@@ -79,15 +80,17 @@ def test_changes_reach_the_sinks_without_any_webhook(make_service: Any, clopos: 
     assert 2 <= cycles <= 5, cycles
     assert abs(lists - cycles) <= 1, (lists, cycles)
 
-    # Each change delivered once; the seeded orders (540 s old and more) and the one
-    # changed before the lookback were not.
+    # Each change delivered once, straight from the list pages (no detail call); the
+    # seeded orders (540 s old and more) and the one changed before the lookback were not.
     assert sorted(deliveries(logs)) == sorted(expected)
-    assert all(detail_calls(clopos, order_id) == 1 for order_id in expected)
+    assert all(detail_calls(clopos, order_id) == 0 for order_id in expected)
     assert clopos.state.rate_limited() == 0
     first = log_events(service.log_path, "sink.log.order")[0]["body"]
     assert "receipt" in first["order"]
-    notices = log_events(service.log_path, "poller.order_changed")
-    assert {e["order_id"] for e in notices} == expected
+    assert first["hydrated_from"] == "order_list"
+    stored = log_events(service.log_path, "list_hydration.stored")
+    assert {e["order_id"] for e in stored} == expected
+    assert log_events(service.log_path, "poller.order_changed") == []
 
     ready = httpx.get(f"{service.url}/readyz", timeout=5).json()
     assert ready["checks"]["poller:sandbox"]["ok"], ready
@@ -122,11 +125,11 @@ def test_a_webhook_and_a_poll_of_one_change_deliver_it_once(
     assert order_events(service.log_path, "poller.order_changed", 1020) == []
     assert detail_calls(clopos, 1020) == 1
 
-    # Poll first: the change is found and delivered; the late webhook fetches the same
-    # state, which is not delivered again.
+    # Poll first: the change is found and delivered from the page; the late webhook
+    # fetches the same state, which is not delivered again.
     clopos.state.update_order(1030, status="DELIVERED")
     assert wait_until(lambda: 1030 in deliveries(logs), timeout=10), service.tail()
-    assert len(order_events(service.log_path, "poller.order_changed", 1030)) == 1
+    assert len(order_events(service.log_path, "list_hydration.stored", 1030)) == 1
     answer = httpx.post(
         f"{service.url}/webhooks/clopos", headers=HEADERS, json={"data": {"id": 1030}}, timeout=5
     )
@@ -162,12 +165,13 @@ def test_a_restart_resumes_at_the_watermark_beyond_its_lookback(
     )
     assert wait_until(lambda: 1050 in deliveries([second.log_path]), timeout=15), second.tail()
     time.sleep(1.5)  # another cycle or so
-    assert deliveries([second.log_path]) == [1050]  # 1040 was not fetched again
-    assert detail_calls(clopos, 1040) == 1
+    assert deliveries([second.log_path]) == [1050]  # 1040 was not hydrated again
+    assert deliveries([first.log_path, second.log_path]).count(1040) == 1
 
 
+@pytest.mark.parametrize("from_list", ["true", "false"])
 def test_a_second_change_in_the_same_whole_second_is_delivered(
-    make_service: Any, clopos: Clopos
+    make_service: Any, clopos: Clopos, from_list: str
 ) -> None:
     """Issue 8 item 2, against the real process: state A is notified, fetched and
     delivered; state B gets the same ``updated_at`` second and its webhook is lost.

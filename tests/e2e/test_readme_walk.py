@@ -112,7 +112,7 @@ def test_every_sandbox_command_of_the_readme_pastes_and_answers_as_shown(
     assert len(runnable) >= 4, blocks
     # As a user who pastes once the banner is up: the first poll cycle has run (seconds;
     # the deadline is for a loaded machine).
-    assert wait_until(lambda: log_events(sandbox.log_path, "poller.order_changed"), timeout=60), (
+    assert wait_until(lambda: log_events(sandbox.log_path, "list_hydration.stored"), timeout=60), (
         sandbox.log()[-3000:]
     )
 

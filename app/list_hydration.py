@@ -1,0 +1,147 @@
+"""Hydration from list pages: one Clopos call, up to a page of orders.
+
+``GET /v2/orders`` with the receipt embedded returns the same order structure as
+``GET /v2/orders/{id}`` (shared/clopos-api.md), and "a read after the notice satisfies
+it" (product.md). So a page the poller reads anyway, or one the backlog reader reads on
+purpose (app/backlog.py), hydrates every order on it without a detail call:
+
+- each listed order becomes a :class:`~app.store.base.ListedState`: its content, the
+  snapshot id that content has (the id a detail read of the same state gets), and a
+  way to render the body with ``"hydrated_from": "order_list"``;
+- the store applies the page in one transaction (``Store.apply_listed``): a new state
+  (by content) is stored and delivered, as after a fetch; the order's notices received
+  before the page was read are satisfied; coalescing, never-backwards, sinks and dead
+  letters are the store's as for any fetch;
+- what the page cannot decide (a fetch in flight, an operator's forced fetch, a dead
+  job, two states of one second read in an order that cannot be told, an entry that is
+  not a usable order) comes back as :attr:`PageResult.fallback`: those orders are left to
+  be fetched one by one.
+
+``HYDRATE_FROM_LIST=false`` turns this off (for list payloads that turn out to differ
+from detail payloads): the poller then enqueues notices and every change is fetched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from app.clopos.client import OrdersPage
+from app.logs import get_logger
+from app.poller import ListedOrder
+from app.snapshot import build_body, snapshot_key
+from app.store.base import ListedResult, ListedState, Store
+
+log = get_logger("app.list_hydration")
+# A page decides these; the others are left to a fetch.
+DECIDED = frozenset({"stored", "unchanged", "stale", "skipped"})
+
+
+class ListObserver(Protocol):
+    """Where list hydration is counted (app.metrics.Metrics satisfies it)."""
+
+    def list_applied(self, brand: str, stored: int, satisfied: int, fallback: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class PageResult:
+    results: list[ListedResult] = field(default_factory=list)
+    fallback: list[ListedOrder] = field(default_factory=list)  # to be fetched one by one
+
+    @property
+    def stored(self) -> int:
+        return sum(1 for r in self.results if r.outcome == "stored")
+
+    @property
+    def satisfied(self) -> int:
+        return sum(r.satisfied for r in self.results)
+
+
+def listed_state(brand: str, order: ListedOrder, *, hydrated_at: float) -> ListedState | None:
+    """The state a listed order stands for; None when it cannot stand for a fetch: no
+    ``receipt`` key despite the embed (what a fetch would refuse too), or content that is
+    not JSON (NaN: a fetch dead-letters it, with the reason)."""
+    if "receipt" not in order.order:
+        return None
+    try:
+        key = snapshot_key(brand, order.order_id, order.order)
+    except ValueError:
+        return None
+
+    def render(notification_ids: tuple[int, ...], received_at: float) -> bytes:
+        return build_body(
+            key=key,
+            brand=brand,
+            order_id=order.order_id,
+            order=order.order,
+            notification_ids=list(notification_ids),
+            received_at=received_at,
+            hydrated_at=hydrated_at,
+            hydrated_from="order_list",
+        )
+
+    return ListedState(order.order_id, order.venue_id, key, order.updated_at, render)
+
+
+class ListHydrator:
+    """Applies list pages to the store; shared by the poller and the backlog reader."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        sinks: list[str],
+        observer: ListObserver,
+        on_stored: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._sinks = sinks
+        self._observer = observer
+        self._on_stored = on_stored
+        self._clock = clock
+
+    async def apply(
+        self,
+        brand: str,
+        page: OrdersPage,
+        orders: Sequence[ListedOrder],
+        *,
+        notified_only: bool = False,
+    ) -> PageResult:
+        """Apply the page's ``orders`` (read from ``page``) as of when it was read."""
+        now = self._clock()
+        states: list[ListedState] = []
+        fallback: list[ListedOrder] = []
+        for order in orders:
+            state = listed_state(brand, order, hydrated_at=now)
+            if state is None:
+                fallback.append(order)
+            else:
+                states.append(state)
+        results = await self._store.apply_listed(
+            brand,
+            states,
+            self._sinks,
+            read_at=page.requested_at,
+            now=now,
+            notified_only=notified_only,
+        )
+        by_id = {order.order_id: order for order in orders}
+        fallback += [by_id[r.order_id] for r in results if r.outcome not in DECIDED]
+        result = PageResult(results, fallback)
+        for item in results:
+            if item.outcome == "stored":
+                log.info(
+                    "list_hydration.stored",
+                    order_id=item.order_id,
+                    version=item.version,
+                    satisfied=item.satisfied,
+                    page=page.page,
+                )
+        self._observer.list_applied(brand, result.stored, result.satisfied, len(fallback))
+        if result.stored:
+            self._on_stored()
+        return result
