@@ -70,6 +70,10 @@ if TYPE_CHECKING:  # app.list_hydration reads ListedOrder from here
 
 log = get_logger("app.poller")
 
+# A stored ``updated_at`` more than this ahead of our clock is not trusted to order
+# states (clock skew between Clopos and us stays well inside it).
+FUTURE_TOLERANCE_SECONDS = 120.0
+
 # Seconds re-read below the watermark on every cycle by default (POLL_SLACK_SECONDS):
 # whole-second timestamps need a few; a change that becomes visible in the list some
 # time after its updated_at (a slow commit, a till syncing late, clock skew) needs more.
@@ -157,27 +161,36 @@ def scan_page(orders: Sequence[Any], floor: float) -> PageScan:
     return PageScan(list(candidates.values()), newest, reached, unusable)
 
 
-def is_new_state(listed_key: str, updated_at: float, stored: KnownState | None) -> bool:
+def is_new_state(
+    listed_key: str, updated_at: float, stored: KnownState | None, *, now: float
+) -> bool:
     """Whether a listed state may be one the store has not seen: compared by content
     (the snapshot id), not by clock. Clopos stamps have whole seconds, so a second
     change within the second of the stored state has an *equal* ``updated_at`` and only
     its content tells it apart. A listed stamp older than the stored one is an older
-    state (the list lagging behind a fetch), not a change."""
+    state (the list lagging behind a fetch), not a change, unless the stored stamp lies
+    ahead of our clock: a stamp in the future proves nothing about order, and trusting
+    it would hide every honest change after it (the hydration then compares content:
+    a lagging state it already stored is "stale" and delivers nothing)."""
     if stored is None or stored.key is None:
         return True
     if stored.key == listed_key:
         return False
-    return stored.updated_at is None or updated_at >= stored.updated_at
+    if stored.updated_at is None or stored.updated_at > now + FUTURE_TOLERANCE_SECONDS:
+        return True
+    return updated_at >= stored.updated_at
 
 
 def changed_orders(
-    brand: str, candidates: Sequence[ListedOrder], known: dict[int, KnownState]
+    brand: str, candidates: Sequence[ListedOrder], known: dict[int, KnownState], *, now: float
 ) -> list[ListedOrder]:
     """The candidates whose listed state is not the stored one, nor older than it."""
     return [
         order
         for order in candidates
-        if is_new_state(order.state_key(brand), order.updated_at, known.get(order.order_id))
+        if is_new_state(
+            order.state_key(brand), order.updated_at, known.get(order.order_id), now=now
+        )
     ]
 
 
@@ -550,7 +563,7 @@ class Poller:
             changed = applied.fallback
         else:
             known = await self._store.known_states(brand, [o.order_id for o in candidates])
-            changed = changed_orders(brand, candidates, known)
+            changed = changed_orders(brand, candidates, known, now=now)
         if not changed:
             return
         # One transaction and one commit for the whole page, not one per order.

@@ -192,12 +192,27 @@ def test_changed_orders_are_those_whose_content_is_not_the_stored_state() -> Non
     b["note"] = "a second change in the same second"
     first, second = parsed(a), parsed(b)
     stored = KnownState(first.state_key(BRAND), T)
-    assert changed_orders(BRAND, [first], {1: stored}) == []  # the same state
-    assert changed_orders(BRAND, [second], {1: stored}) == [second]  # same stamp, new content
-    assert changed_orders(BRAND, [second], {1: KnownState("other", T + 1)}) == []  # older
-    assert changed_orders(BRAND, [second], {1: KnownState()}) == [second]  # unknown
-    assert changed_orders(BRAND, [second], {}) == [second]  # not asked: unknown
-    assert changed_orders(BRAND, [second], {1: KnownState("other", None)}) == [second]
+    now = T + 5
+    assert changed_orders(BRAND, [first], {1: stored}, now=now) == []  # the same state
+    assert changed_orders(BRAND, [second], {1: stored}, now=now) == [second]  # same stamp
+    assert changed_orders(BRAND, [second], {1: KnownState("other", T + 1)}, now=now) == []
+    assert changed_orders(BRAND, [second], {1: KnownState()}, now=now) == [second]  # unknown
+    assert changed_orders(BRAND, [second], {}, now=now) == [second]  # not asked: unknown
+    assert changed_orders(BRAND, [second], {1: KnownState("other", None)}, now=now) == [second]
+
+
+def test_a_stored_stamp_in_the_future_does_not_hide_a_change() -> None:
+    """Issue 8 item 3: a stored state stamped a day ahead proves nothing about order; a
+    listed state of other content with an honest (earlier) stamp is a change."""
+    listed_state = parsed(order(1, iso(T)))
+    ahead = KnownState("other", T + 86_400)
+    assert changed_orders(BRAND, [listed_state], {1: ahead}, now=T) == [listed_state]
+    # Within the tolerance the stamp still orders states (the list lagging a fetch).
+    near = KnownState("other", T + 60)
+    assert changed_orders(BRAND, [listed_state], {1: near}, now=T) == []
+    # The same content is never new, however far ahead its stamp.
+    same = KnownState(listed_state.state_key(BRAND), T + 86_400)
+    assert changed_orders(BRAND, [listed_state], {1: same}, now=T) == []
 
 
 # --- pure parts: when to stop, where the watermark goes ------------------------------------

@@ -196,3 +196,30 @@ def test_a_second_change_in_the_same_whole_second_is_delivered(
     assert notes() == ["A", "B"], notes()
     assert 1060 in deliveries(logs)
     assert clopos.state.rate_limited() == 0
+
+
+@pytest.mark.parametrize("from_list", ["true", "false"])
+def test_a_stamp_in_the_future_does_not_hide_later_changes_from_the_poller(
+    make_service: Any, clopos: Clopos, from_list: str
+) -> None:
+    """Issue 8 item 3, poll-only: a state stamped a day ahead is stored; the real change
+    after it carries an honest (earlier) stamp and no webhook. The poller compares by
+    content, so it must still find and deliver that change."""
+    service: ServiceProcess = make_service(
+        POLL_INTERVAL_SECONDS="1", POLL_LOOKBACK_SECONDS="60", HYDRATE_FROM_LIST=from_list
+    )
+
+    def notes() -> list[str]:
+        return [
+            e["body"]["order"].get("note")
+            for e in log_events(service.log_path, "sink.log.order")
+            if e["body"]["order_id"] == 1061
+        ]
+
+    clopos.state.update_order(1061, note="ahead", updated_at=iso(time.time() + 86_400))
+    assert wait_until(lambda: "ahead" in notes(), timeout=15), service.tail()
+    clopos.state.update_order(1061, note="real")  # stamped now: earlier than "ahead"
+    assert wait_until(lambda: "real" in notes(), timeout=15), service.tail()
+    time.sleep(2.5)  # further polls of "real" deliver nothing more
+    assert notes() == ["ahead", "real"], notes()
+    assert clopos.state.rate_limited() == 0
