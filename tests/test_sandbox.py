@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -622,3 +624,38 @@ def test_works_when_mounted_under_a_prefix(state: SandboxState) -> None:
     assert order.status_code == 200
     assert stats.json()["calls"] == 2
     assert [c.path for c in state.calls] == ["/open-api/v2/auth", "/open-api/v2/orders/1001"]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize(
+    "path", ["/open-api/v2/auth", "/_sandbox/orders/1002/touch", "/_sandbox/orders"]
+)
+def test_a_client_hanging_up_mid_body_is_no_500_and_changes_nothing(
+    server: ServerThread, state: SandboxState, path: str
+) -> None:
+    # The sandbox is served on the service's own port by `clopos-hydrator sandbox`: a
+    # client that hangs up mid-body must not make uvicorn log an ERROR traceback.
+    errors = _Records()
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    uvicorn_errors.addHandler(errors)
+    before = dict(state.get_order(1002) or {})
+    try:
+        head = f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(head.encode() + b'{"status": "CLOS')
+            time.sleep(0.2)  # the body has begun arriving; then the client is gone
+        time.sleep(0.5)  # let the server notice and finish the request
+    finally:
+        uvicorn_errors.removeHandler(errors)
+
+    assert [r.getMessage() for r in errors.records if r.levelno >= logging.ERROR] == []
+    assert state.get_order(1002) == before
+    assert state.tokens_issued() == 0

@@ -23,6 +23,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from app.logs import get_logger
 from app.sandbox import orders as order_data
@@ -301,6 +302,14 @@ def create_sandbox_app(state: SandboxState) -> FastAPI:
     """A fresh app over ``state``: API routes under ``/open-api``, control under ``/_sandbox``."""
     app = FastAPI(title="Clopos v2 sandbox", docs_url=None, redoc_url=None, openapi_url=None)
     api = SandboxApi(state)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # `clopos-hydrator sandbox` serves this app on the service's own port: a client
+        # that hangs up mid-body is no server error (no 500, no ERROR traceback), and the
+        # request, never fully received, has changed nothing. 499 is for the access log.
+        log.info("sandbox.client_disconnected", path=request.url.path)
+        return Response(status_code=499)
 
     @app.post("/open-api/v2/auth")
     async def auth(request: Request) -> Response:
