@@ -169,18 +169,26 @@ def test_a_restart_resumes_at_the_watermark_beyond_its_lookback(
     assert deliveries([first.log_path, second.log_path]).count(1040) == 1
 
 
-@pytest.mark.parametrize("from_list", ["true", "false"])
+@pytest.mark.parametrize(
+    ("from_list", "a_found_by"), [("true", "webhook"), ("false", "webhook"), ("false", "poll")]
+)
 def test_a_second_change_in_the_same_whole_second_is_delivered(
-    make_service: Any, clopos: Clopos, from_list: str
+    make_service: Any, clopos: Clopos, from_list: str, a_found_by: str
 ) -> None:
-    """Issue 8 item 2, against the real process: state A is notified, fetched and
-    delivered; state B gets the same ``updated_at`` second and its webhook is lost.
-    The poller must find B (states compare by content, not by the clock)."""
-    service: ServiceProcess = make_service(POLL_INTERVAL_SECONDS="1", POLL_LOOKBACK_SECONDS="60")
+    """Issue 8 item 2, against the real process: state A is fetched and delivered; state
+    B gets the same ``updated_at`` second and its webhook is lost. The poller must find B
+    (states compare by content, not by the clock), whether it hydrates from the list
+    page or enqueues a notice per change (HYDRATE_FROM_LIST=false). When the poller
+    itself found A, its notice for A is stored under a dedup key: a key naming only the
+    second (``poll:<id>:<second>``) would make B's notice a duplicate of A's."""
+    service: ServiceProcess = make_service(
+        POLL_INTERVAL_SECONDS="1", POLL_LOOKBACK_SECONDS="60", HYDRATE_FROM_LIST=from_list
+    )
     logs = [service.log_path]
     stamp = iso(time.time())
     clopos.state.update_order(1060, status="RECEIVED", note="A", updated_at=stamp)
-    notify(service, 1060)
+    if a_found_by == "webhook":
+        notify(service, 1060)
 
     def notes() -> list[str]:
         return [
@@ -195,6 +203,9 @@ def test_a_second_change_in_the_same_whole_second_is_delivered(
     time.sleep(2.5)  # more polls of the same state B deliver nothing more
     assert notes() == ["A", "B"], notes()
     assert 1060 in deliveries(logs)
+    # B was found by the path under test: a list page, or a notice the poller enqueued.
+    found_by = "list_hydration.stored" if from_list == "true" else "poller.order_changed"
+    assert [e for e in log_events(service.log_path, found_by) if e.get("order_id") == 1060]
     assert clopos.state.rate_limited() == 0
 
 
