@@ -132,6 +132,7 @@ def test_sigterm_to_the_service_as_pid_1_exits_143(tmp_path: Path) -> None:
             stdout=log_file,
             stderr=log_file,
         )
+    inner: int | None = None
     try:
         assert wait_until(lambda: bool(_children(outer.pid)), timeout=10)
         inner = _children(outer.pid)[0]
@@ -145,6 +146,10 @@ def test_sigterm_to_the_service_as_pid_1_exits_143(tmp_path: Path) -> None:
         assert time.monotonic() - started < 20
         assert '"service.stopped"' in log_path.read_text()
     finally:
+        # A PID 1 that ignored SIGTERM (the bug this tests) outlives `unshare`: kill it
+        # first, by its pid (SIGKILL reaches a namespace's init from outside).
+        if inner is not None and Path(f"/proc/{inner}").exists():
+            subprocess.run(["kill", "-KILL", str(inner)], check=False)
         if outer.poll() is None:
             outer.kill()
-            outer.wait()
+        outer.wait(timeout=30)
