@@ -257,6 +257,9 @@ async def test_an_order_the_poller_found_has_one_trace_from_the_poll_to_the_sink
         webhook_secret=SECRET,
         database_url=f"sqlite:///{tmp_path / 'polled.db'}",
         poll_interval_seconds=30,  # one cycle at start finds the recently changed orders
+        # The notice path (a listed change enqueued, then fetched): with list hydration
+        # on, the poller delivers straight from its page, with no hydration job to trace.
+        hydrate_from_list=False,
         sinks=json.loads(sinks(hook)),
     )
     exporter = InMemorySpanExporter()
