@@ -327,6 +327,20 @@ async def test_a_state_the_order_already_moved_past_is_stale(store: Store) -> No
     assert (newer.outcome, newer.version) == ("stored", 3)
 
 
+async def test_a_lagging_read_of_a_state_never_stored_is_stale(store: Store) -> None:
+    """s1 and then s3 are stored; a read lagging behind returns s2, stamped between them
+    and never stored. Content alone cannot tell it is older, an honest stamp can: it is
+    stale, not a version 3 that a sink would receive after s3 (never backwards)."""
+    await hydrate(store, 7, "s1", updated=T0 - 30)
+    await hydrate(store, 7, "s3", now=T0 + 1, updated=T0)
+    lagging = await hydrate(store, 7, "s2", now=T0 + 2, updated=T0 - 15)
+    assert (lagging.outcome, lagging.deliveries, lagging.version) == ("stale", 0, 2)
+    assert await store.latest_snapshot_body(BRAND, 7) == b'{"key":"s3"}'
+    # Two states of one second are told apart by content: the second one is stored.
+    same_second = await hydrate(store, 7, "s4", now=T0 + 3, updated=T0)
+    assert (same_second.outcome, same_second.version) == ("stored", 3)
+
+
 async def test_a_future_updated_at_does_not_freeze_the_order(store: Store) -> None:
     """Issue 8 item 3: Clopos stamped a state a day ahead; later real changes carry
     honest (earlier) stamps and must still be stored and delivered."""

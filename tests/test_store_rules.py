@@ -173,3 +173,24 @@ def test_replay_actions(kind: str, mode: Any, exists: bool, overtaken: bool, act
         rules.replay_action(kind=kind, mode=mode, delivery_exists=exists, overtaken=overtaken)
         == action
     )
+
+
+def test_a_fetched_state_an_honest_stamp_proves_older_is_stale() -> None:
+    """A lagging read of a state never stored: older than a trustworthy stamp."""
+    common = {"key": "s2", "latest_key": "s3", "forced": False, "seen_before": False}
+    older = rules.fetched_state(**common, updated_at=10, latest_updated_at=20, latest_read_at=21)
+    assert older == "stale"
+    # The stored stamp lay in the future when it was read: it orders nothing.
+    ahead = rules.fetched_state(**common, updated_at=10, latest_updated_at=999, latest_read_at=21)
+    assert ahead == "stored"
+    # Equal stamps (whole seconds) and missing stamps prove nothing: content decides.
+    assert rules.fetched_state(
+        **common, updated_at=20, latest_updated_at=20, latest_read_at=21
+    ) == ("stored")
+    assert rules.fetched_state(**common) == "stored"
+    assert (
+        rules.fetched_state(
+            **{**common, "forced": True}, updated_at=10, latest_updated_at=20, latest_read_at=21
+        )
+        == "stored"
+    )

@@ -22,12 +22,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from app.store.rules import stamp_says_older
+
 Judgement = Literal["stored", "unchanged", "stale", "ambiguous"]
-
-
-# A stored stamp more than this ahead of our clock when it was read is not trusted to
-# order states (Clopos clocks may lie in the future; whole seconds need a little slack).
-TRUSTED_STAMP_SKEW_SECONDS = 5.0
 
 
 def judge_listed(
@@ -52,15 +49,10 @@ def judge_listed(
         return "unchanged"
     if seen_before:
         return "stale"
-    if updated_at is not None and last_updated_at is not None:
-        trusted = (
-            last_read_at is not None
-            and last_updated_at <= last_read_at + TRUSTED_STAMP_SKEW_SECONDS
-        )
-        if trusted and updated_at < last_updated_at:
-            return "stale"
-        if updated_at > last_updated_at:
-            return "stored"
+    if stamp_says_older(updated_at, last_updated_at, last_read_at):
+        return "stale"
+    if updated_at is not None and last_updated_at is not None and updated_at > last_updated_at:
+        return "stored"
     if last_read_at is not None and read_at <= last_read_at:
         return "ambiguous"
     return "stored"

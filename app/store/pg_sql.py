@@ -33,7 +33,7 @@ GET_JOB_BY_ORDER = """
 SELECT * FROM hydration_jobs WHERE brand = %(brand)s AND order_id = %(order_id)s
 """
 LATEST_SNAPSHOT_META = """
-SELECT id, version, key, order_updated_at FROM snapshots
+SELECT id, version, key, order_updated_at, hydrated_at FROM snapshots
 WHERE brand = %(brand)s AND order_id = %(order_id)s
 ORDER BY version DESC LIMIT 1
 """

@@ -851,7 +851,13 @@ async def _complete_hydration(
     version: int | None = latest["version"] if latest else None
     seen_before = await _fetchone(conn, sql.KNOWN_STATE, {**order, "key": snapshot.key})
     outcome = rules.fetched_state(
-        key=snapshot.key, latest_key=last_key, forced=job.force, seen_before=seen_before is not None
+        key=snapshot.key,
+        latest_key=last_key,
+        forced=job.force,
+        seen_before=seen_before is not None,
+        updated_at=snapshot.order_updated_at,
+        latest_updated_at=latest["order_updated_at"] if latest else None,
+        latest_read_at=latest["hydrated_at"] if latest else None,
     )
     if outcome == "stored":
         last_version = max(last_version, latest["version"] if latest else 0) + 1

@@ -106,22 +106,53 @@ def on_notice(job: JobState, notice: Notification) -> JobPatch:
 # --- what a fetch brought -------------------------------------------------------------------
 
 
+# A stored stamp more than this ahead of our clock when it was read is not trusted to
+# order states (Clopos clocks may lie in the future; whole seconds need a little slack).
+TRUSTED_STAMP_SKEW_SECONDS = 5.0
+
+
+def stamp_says_older(
+    updated_at: float | None, last_updated_at: float | None, last_read_at: float | None
+) -> bool:
+    """Whether a state's ``updated_at`` proves it older than the newest stored state's:
+    only when the stored stamp is trustworthy, i.e. was not ahead of our clock when it
+    was read (``last_read_at``). A stamp in the future proves nothing, and trusting it
+    would freeze the order. Equal stamps prove nothing either (whole seconds)."""
+    if updated_at is None or last_updated_at is None or last_read_at is None:
+        return False
+    trusted = last_updated_at <= last_read_at + TRUSTED_STAMP_SKEW_SECONDS
+    return trusted and updated_at < last_updated_at
+
+
 def fetched_state(
-    *, key: str, latest_key: str | None, forced: bool, seen_before: bool
+    *,
+    key: str,
+    latest_key: str | None,
+    forced: bool,
+    seen_before: bool,
+    updated_at: float | None = None,
+    latest_updated_at: float | None = None,
+    latest_read_at: float | None = None,
 ) -> HydrationOutcome:
-    """Compare a fetched state with the order's stored ones, by content, never by clock.
+    """Compare a fetched state with the order's stored ones, by content first.
 
     ``unchanged``: the same as the newest stored state. ``stale``: a state the order
-    already had before its newest one (a read lagging behind). Anything else is
-    ``stored``, whatever its ``updated_at`` (Clopos stamps may lie in the future). A
-    forced hydration is always stored. ``seen_before``: whether any stored snapshot of
-    the order has this key.
+    already had before its newest one, or one whose ``updated_at`` is older than a
+    trustworthy stamp of the newest (a read lagging behind, possibly of a state that
+    was never stored: delivering it would go backwards). Anything else is ``stored``,
+    an equal stamp or a stamp below one that lay in the future included (Clopos stamps
+    have whole seconds and may lie ahead). A forced hydration is always stored.
+    ``seen_before``: whether any stored snapshot of the order has this key;
+    ``latest_updated_at``/``latest_read_at``: the newest snapshot's stamp and when it
+    was read (its ``hydrated_at``).
     """
     if forced:
         return "stored"
     if key == latest_key:
         return "unchanged"
-    return "stale" if seen_before else "stored"
+    if seen_before or stamp_says_older(updated_at, latest_updated_at, latest_read_at):
+        return "stale"
+    return "stored"
 
 
 def requeued(*, generation: int, claimed_generation: int) -> bool:

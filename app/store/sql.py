@@ -38,7 +38,7 @@ WHERE brand = :brand AND dedup_key = :dedup_key AND order_id = :order_id
 GET_JOB = "SELECT * FROM hydration_jobs WHERE id = :id"
 GET_JOB_BY_ORDER = "SELECT * FROM hydration_jobs WHERE brand = :brand AND order_id = :order_id"
 LATEST_SNAPSHOT_META = """
-SELECT id, version, key, order_updated_at FROM snapshots
+SELECT id, version, key, order_updated_at, hydrated_at FROM snapshots
 WHERE brand = :brand AND order_id = :order_id
 ORDER BY version DESC LIMIT 1
 """

@@ -703,6 +703,9 @@ def _complete_hydration(
         latest_key=last_key,
         forced=job.force,
         seen_before=_seen_before(conn, order, snapshot.key),
+        updated_at=snapshot.order_updated_at,
+        latest_updated_at=latest["order_updated_at"] if latest else None,
+        latest_read_at=latest["hydrated_at"] if latest else None,
     )
     if outcome == "stored":
         last_version = max(last_version, latest["version"] if latest else 0) + 1
