@@ -284,6 +284,8 @@ async def handle(runtime: Runtime, request: Request, brand: str | None) -> Respo
     with tracing.request_span(
         runtime.tracer, "webhook.receive", request.headers, attributes
     ) as span:
+        if span is not None:
+            tracing.bind_span_ids(span)
         response = await _respond(runtime, request, brand)
         if span is not None:
             span.set_attribute("http.response.status_code", response.status_code)

@@ -122,13 +122,15 @@ LOG_SINK_LOGGER = "app.sinks.log"
 
 def add_trace_ids(logger: Any, method: str, event: Any) -> Any:
     """structlog processor: the current span's ``trace_id`` and ``span_id`` (hex, as
-    tracing backends show them) on every line logged inside a span."""
+    tracing backends show them) on every line logged inside a span. The current span
+    wins over ids bound to the log context (app.tracing.bind_span_ids), which only
+    name a request's span for the lines written after it ended."""
     from opentelemetry import trace  # only configured when tracing is on
 
     span_context = trace.get_current_span().get_span_context()
     if span_context.is_valid:
-        event.setdefault("trace_id", format(span_context.trace_id, "032x"))
-        event.setdefault("span_id", format(span_context.span_id, "016x"))
+        event["trace_id"] = format(span_context.trace_id, "032x")
+        event["span_id"] = format(span_context.span_id, "016x")
     return event
 
 

@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
@@ -110,6 +111,16 @@ def current_traceparent() -> str | None:
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier)
     return carrier.get("traceparent")
+
+
+def bind_span_ids(span: Span) -> None:
+    """Bind the span's ids to the log context of this request, so lines logged after the
+    span ended (the access line) still name it; lines inside it get them anyway."""
+    context = span.get_span_context()
+    if context.is_valid:
+        structlog.contextvars.bind_contextvars(
+            trace_id=format(context.trace_id, "032x"), span_id=format(context.span_id, "016x")
+        )
 
 
 def inject(headers: MutableMapping[str, str]) -> None:

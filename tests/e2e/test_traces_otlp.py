@@ -130,3 +130,12 @@ def test_the_spans_of_one_order_reach_an_otlp_receiver_and_the_sink_gets_the_tra
     assert (finished["trace_id"], finished["span_id"]) == (INBOUND_TRACE, hydration["span_id"])
     accepted = log_events(service.log_path, "webhook.accepted")
     assert [(e["trace_id"], e["span_id"]) for e in accepted] == [(INBOUND_TRACE, ingest["span_id"])]
+    # The access line is written after the request's span ended; it names that span too.
+    webhook_lines = [
+        e
+        for e in log_events(service.log_path, "http.request")
+        if e.get("path", "").startswith("/webhooks/")
+    ]
+    assert [(e.get("trace_id"), e.get("span_id")) for e in webhook_lines] == [
+        (INBOUND_TRACE, ingest["span_id"])
+    ], webhook_lines
