@@ -218,6 +218,9 @@ def status_json(status: ServiceStatus) -> dict[str, Any]:
             "credentials": "paused" if brand.paused else "accepted",
             "paused_reason": brand.paused_reason,
             "budget": asdict(brand.budget) if brand.budget is not None else None,
+            "shared_budget": (
+                asdict(brand.shared_budget) if brand.shared_budget is not None else None
+            ),
             "poll": _poll_json(brand.poll),
             "reads": _reads_json(brand),
         }

@@ -49,7 +49,14 @@ from app.status import (
     readiness_checks,
 )
 from app.store import open_store
-from app.store.base import Delivery, HydrationJob, QueueStats, Store, WorkKind
+from app.store.base import (
+    Delivery,
+    HydrationJob,
+    QueueStats,
+    SharedBudgetRow,
+    Store,
+    WorkKind,
+)
 from app.store.postgres import PostgresStore
 from app.workers import WorkLoop
 
@@ -342,7 +349,7 @@ class Runtime:
             uptime_seconds=now - self.started_at,
             store=stats,
             store_error=ping_error or stats_error,
-            brands=self._brand_statuses(),
+            brands=self._brand_statuses(await self._shared_budgets()),
             sinks={
                 name: SinkStatus(
                     kind=d.sink.kind,
@@ -361,7 +368,15 @@ class Runtime:
         checks = readiness_checks(reading, limits, store_writable=ping_error is None)
         return replace(reading, checks=checks)
 
-    def _brand_statuses(self) -> dict[str, BrandStatus]:
+    async def _shared_budgets(self) -> dict[str, SharedBudgetRow]:
+        """The replicas' shared budget rows (PostgreSQL); none on SQLite or when unreadable
+        (the store's error is reported by the reads above)."""
+        if not isinstance(self.store, PostgresStore):
+            return {}
+        _, rows = await _store_read(self.store.shared_budgets())
+        return rows or {}
+
+    def _brand_statuses(self, shared: dict[str, SharedBudgetRow]) -> dict[str, BrandStatus]:
         budgets = self.budget.state()
         brands = {}
         for name, client in self.clients.items():
@@ -377,6 +392,7 @@ class Runtime:
                 calls_by_status=dict(client.calls_by_status),
                 auth_calls=client.auth_calls,
                 budget=budgets.get(tenant),
+                shared_budget=shared.get(tenant),
                 paused_since=pause.since if pause is not None else None,
                 paused_reason=pause.reason if pause is not None else None,
                 poll=poll,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from app.backlog import BacklogStatus
 from app.clopos.budget import BudgetState
 from app.poller import PollStatus
-from app.store.base import StoreStats
+from app.store.base import SharedBudgetRow, StoreStats
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class BrandStatus:
     poll: PollStatus | None = None  # None when polling is off
     poll_check: Check | None = None
     reads: ReadStatus | None = None
+    # PostgreSQL only: the tenant's row every replica draws on (``budget`` is this one's).
+    shared_budget: SharedBudgetRow | None = None
 
     @property
     def paused(self) -> bool:

@@ -13,8 +13,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from app.admin import status_json
 from app.clopos.budget import RateBudget
 from app.clopos.shared_budget import WINDOW_MARGIN_SECONDS, SharedRateBudget
+from app.runtime import Runtime
+from app.settings import load_settings
 from app.store.postgres import PostgresStore
 
 TENANT = "integrator:brand"
@@ -79,3 +82,41 @@ async def test_rate_limit_headers_slow_every_replica(stores: list[PostgresStore]
     started = time.monotonic()
     await second.acquire(TENANT)
     assert time.monotonic() - started >= 1.0
+
+
+async def test_admin_status_shows_the_fleets_shared_budget_row(
+    pg_url: str, stores: list[PostgresStore]
+) -> None:
+    """/admin/status on one replica shows the shared row, which other replicas spent."""
+    config = load_settings(
+        clopos_base_url="http://127.0.0.1:9",
+        clopos_client_id="client",
+        clopos_client_secret="secret",
+        clopos_brand="brand",
+        clopos_integrator_id="integrator",
+        webhook_secret="s" * 32,
+        database_url=pg_url,
+        poll_interval_seconds=0,
+    )
+    runtime = Runtime(config)
+    await runtime.store.open()
+    try:
+        # 60 a minute, a burst of 3: three calls at once push the arrival time ~3 s ahead.
+        other = SharedRateBudget(stores[0], 60, burst=3)
+        for _ in range(3):
+            await other.acquire(TENANT)
+        other.observe(
+            TENANT,
+            status=429,
+            headers={"Retry-After": "30", "RateLimit-Limit": "500", "RateLimit-Remaining": "0"},
+        )
+        await asyncio.sleep(0.3)  # the observation is written in the background
+        brand = status_json(await runtime.status())["brands"]["brand"]
+    finally:
+        await runtime.store.close()
+    assert brand["budget"] is None, "this replica made no call itself"
+    shared = brand["shared_budget"]
+    assert shared["grants"] == 3
+    assert shared["server_limit"] == 500
+    assert 25 < shared["held_for_seconds"] <= 30
+    assert 2 < shared["tat_ahead_seconds"] <= 3.2

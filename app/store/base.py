@@ -293,6 +293,22 @@ class TenantSpend:
 
 
 @dataclass(frozen=True)
+class SharedBudgetRow:
+    """One tenant's Clopos budget row shared by the replicas (PostgreSQL), as seconds from
+    now on the database's clock, so no replica's clock skews it: ``tat_ahead_seconds`` is
+    how far the GCRA theoretical arrival time runs ahead (0 = idle), ``held_for_seconds``
+    what is left of a 429's hold, ``server_remaining`` what Clopos last said remains less
+    the calls granted since (None once its ``RateLimit-Reset`` passed)."""
+
+    grants: int  # every call granted to the tenant, by every replica
+    tat_ahead_seconds: float
+    held_for_seconds: float
+    server_limit: int | None
+    server_remaining: int | None
+    server_reset_in_seconds: float
+
+
+@dataclass(frozen=True)
 class PollerLead:
     """Who polls a brand: ``leading`` when this process does; ``holder`` names the
     process that does (``hostname:pid``), None when nobody holds it right now."""

@@ -510,6 +510,16 @@ SELECT tenant, grants, server_limit,
        GREATEST(held_until - extract(epoch FROM clock_timestamp()), 0) AS held_for
 FROM rate_budgets
 """
+# The rows as /admin/status shows them: relative to the database's clock.
+SHARED_BUDGETS = """
+SELECT tenant, grants, server_limit,
+       GREATEST(tat - c.now_s, 0) AS tat_ahead,
+       GREATEST(held_until - c.now_s, 0) AS held_for,
+       CASE WHEN server_reset_at > c.now_s
+            THEN GREATEST(server_remaining - granted_since_observation, 0) END AS remaining,
+       GREATEST(server_reset_at - c.now_s, 0) AS reset_in
+FROM rate_budgets, LATERAL (SELECT extract(epoch FROM clock_timestamp()) AS now_s) AS c
+"""
 
 # --- one poller per brand across replicas ------------------------------------------------
 

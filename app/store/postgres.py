@@ -56,6 +56,7 @@ from app.store.base import (
     PruneResult,
     QueueStats,
     ReplayMode,
+    SharedBudgetRow,
     StoreStats,
     TenantSpend,
     VenueBacklog,
@@ -659,6 +660,26 @@ class PostgresStore:
             return {r["tenant"]: (r["grants"], r["server_limit"], r["held_for"]) for r in rows}
 
         budgets: dict[str, tuple[int, int | None, float]] = await self._run("rate_budgets", read)
+        return budgets
+
+    async def shared_budgets(self) -> dict[str, SharedBudgetRow]:
+        """Every tenant's shared budget row, as /admin/status shows it (the fleet's view)."""
+
+        async def read(conn: Conn) -> dict[str, SharedBudgetRow]:
+            rows = await (await conn.execute(sql.SHARED_BUDGETS)).fetchall()
+            return {
+                r["tenant"]: SharedBudgetRow(
+                    grants=int(r["grants"]),
+                    tat_ahead_seconds=float(r["tat_ahead"]),
+                    held_for_seconds=float(r["held_for"]),
+                    server_limit=r["server_limit"],
+                    server_remaining=r["remaining"],
+                    server_reset_in_seconds=float(r["reset_in"]),
+                )
+                for r in rows
+            }
+
+        budgets: dict[str, SharedBudgetRow] = await self._run("shared_budgets", read)
         return budgets
 
     # --- helpers ------------------------------------------------------------------------------
