@@ -3,7 +3,7 @@
 Clopos counts a tenant's calls centrally, so replicas must draw on one budget, not one
 each. :class:`SharedRateBudget` implements the :class:`~app.clopos.budget.RateBudget`
 port over one database row per tenant (``rate_budgets``, see
-``app/store/migrations_pg/0002_rate_budgets.sql``):
+``app/store/migrations_pg/0004_rate_budgets.sql``):
 
 * **Spacing and the hard cap**: GCRA, the theoretical arrival time updated atomically
   by one function call on the database's clock (``clock_timestamp()``). With interval

@@ -496,7 +496,7 @@ ORDER BY version DESC LIMIT 1
 """
 HEARTBEAT = "UPDATE heartbeat SET beats = beats + 1, beat_at = %(now)s WHERE id = 1"
 
-# --- the shared Clopos budget (functions of migrations_pg/0002_rate_budgets.sql) ----------
+# --- the shared Clopos budget (functions of migrations_pg/0004_rate_budgets.sql) ----------
 
 TAKE_RATE_BUDGET = """
 SELECT take_rate_budget(
