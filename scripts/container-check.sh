@@ -111,10 +111,16 @@ else
     COMPOSE=("$WORK/compose/bin/docker-compose")
 fi
 "${COMPOSE[@]}" version
-# No .env of the machine's: only what the postgres profile requires.
-echo "POSTGRES_PASSWORD=check-only" >"$WORK/empty.env"
+# No .env of the machine's: the default and sandbox profiles need nothing set, the
+# postgres profile its password.
+: >"$WORK/empty.env"
+echo "POSTGRES_PASSWORD=check-only" >"$WORK/postgres.env"
 for profile in "" sandbox postgres; do
-    "${COMPOSE[@]}" --env-file "$WORK/empty.env" ${profile:+--profile "$profile"} config --quiet
+    env_file="$WORK/empty.env"
+    [ "$profile" = postgres ] && env_file="$WORK/postgres.env"
+    out=$("${COMPOSE[@]}" --env-file "$env_file" ${profile:+--profile "$profile"} config --quiet 2>&1) ||
+        fail "compose config${profile:+ --profile $profile}: $out"
+    [ -z "$out" ] || fail "compose config${profile:+ --profile $profile} warned: $out"
     echo "docker-compose.yml is valid${profile:+ with --profile $profile}"
 done
 published=$("${COMPOSE[@]}" --env-file "$WORK/empty.env" config --format json |

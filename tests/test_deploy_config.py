@@ -238,3 +238,12 @@ def test_env_example_lists_every_setting() -> None:
     text = (ROOT / ".env.example").read_text()
     listed = set(re.findall(r"^([A-Z_]+)=", text, re.M))
     assert listed == SETTINGS, (SETTINGS - listed, listed - SETTINGS)
+
+
+def test_compose_requires_no_variable_outside_its_profile() -> None:
+    """Compose interpolates every service before it applies profiles, so a required
+    variable (``${X:?…}``) of the postgres profile broke a plain ``docker compose up``
+    (SQLite) for anyone without it in .env (docker/compose#11977)."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    required = re.findall(r"\$\{([A-Z_]+):?\?", text)
+    assert required == [], f"required variables break the default profile: {required}"
