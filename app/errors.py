@@ -18,12 +18,17 @@ messages::
     │   └── CloposPermanentError       other 4xx, or a response we cannot use
     ├── ApiError                       an HTTP request refused: status, error, message,
     │                                  headers; rendered by app/http_errors.py
+    ├── HttpTransportError             an outgoing exchange got no whole answer
+    │   │                              (app/http_client.py); its callers map it
+    │   ├── HttpTimeout                no answer within the exchange's deadline
+    │   ├── HttpConnectError           could not connect (refused, DNS, TLS)
+    │   └── HttpUnsendable             cannot be sent as given (URL, header, closed)
     └── SinkError                      a delivery to a sink failed
         ├── SinkRetryableError         408/425/429/5xx/network: retry, maybe after
         │                              ``retry_after`` s
         └── SinkPermanentError         other 4xx: dead-letter the delivery
 
-Foreign exceptions (httpx, sqlite3, asyncpg...) are translated into these at the
+Foreign exceptions (aiohttp, sqlite3, psycopg...) are translated into these at the
 boundary of the module that talks to the foreign library, with ``raise ... from``.
 """
 
@@ -127,6 +132,25 @@ class CloposCredentialsRejected(CloposUnauthorized):
 
 class CloposPermanentError(CloposError):
     """Another 4xx, or a response that cannot be used (not JSON, no ``data``)."""
+
+
+# --- Outgoing HTTP (app/http_client.py) ---------------------------------------------------
+
+
+class HttpTransportError(HydratorError):
+    """An outgoing HTTP exchange ended without a whole answer (read, reset, protocol)."""
+
+
+class HttpTimeout(HttpTransportError):
+    """No whole answer within the exchange's deadline (connecting included)."""
+
+
+class HttpConnectError(HttpTransportError):
+    """The connection could not be made: refused, unresolvable, TLS refused."""
+
+
+class HttpUnsendable(HttpTransportError):
+    """The request cannot be sent as given: retrying the same request cannot help."""
 
 
 # --- Sinks ----------------------------------------------------------------------------

@@ -16,17 +16,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
-import httpx
 from fastapi import Depends, Request
 from opentelemetry.trace import Tracer
 
 from app import tracing
 from app.backlog import BacklogReader
-from app.clopos import CloposClient, LocalRateBudget, make_http_client
+from app.clopos import CloposClient, LocalRateBudget
 from app.clopos.budget import RateBudget
 from app.clopos.shared_budget import SharedRateBudget
 from app.delivery import SinkDeliverer
 from app.errors import StoreError
+from app.http_client import HttpClient, make_http_client
 from app.hydration import Hydrator
 from app.list_hydration import ListHydrator
 from app.logs import REDACTOR, get_logger
@@ -119,7 +119,7 @@ class Runtime:
             not_found_attempts=settings.not_found_max_attempts,
             not_found_base=settings.not_found_retry_seconds,
         )
-        self.http: httpx.AsyncClient = make_http_client(
+        self.http: HttpClient = make_http_client(
             timeout=settings.clopos_timeout_seconds,
             max_connections=settings.clopos_max_connections,
         )

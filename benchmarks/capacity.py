@@ -1,6 +1,7 @@
 """End-to-end capacity: orders/s hydrated and delivered, and CPU seconds per 1,000 orders.
 
     .venv/bin/python benchmarks/capacity.py [--orders 1500] [--rounds 2]
+        [--compare NAME=CHECKOUT]
 
 The sandbox (budget lifted) and a counting sink run on the same cores as the design
 under test. A burst of ``--orders`` notifications, one per distinct order, is sent
@@ -16,6 +17,8 @@ run, alternated round by round:
   the ceiling.
 
 CPU is the design's own process (for the loop, this process during the loop).
+``--compare NAME=PATH`` adds the service as checked out at PATH (e.g. a ``git worktree``
+of an older commit), alternated with the others: before/after in one run.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ def measure(args: argparse.Namespace) -> list[Design]:
     logs = scratch("capacity")
     servers: list[Server] = []
     try:
-        sandbox = sandbox_server(logs, seed_orders=args.orders * args.rounds * 3 + 10)
+        sandbox = sandbox_server(logs, seed_orders=args.orders * args.rounds * (3 + len(args.compare)) + 10)
         sink = sink_server(logs)
         servers += [sandbox, sink]
         port = free_port()
@@ -134,6 +137,18 @@ def measure(args: argparse.Namespace) -> list[Design]:
             HYDRATION_CONCURRENCY=str(args.concurrency),
         )
         service = Server("service", service_cmd(port), port, env=env, logs=logs)
+        services = {"service": service}
+        for index, (label, checkout) in enumerate(_checkouts(args.compare), start=1):
+            port = free_port()
+            database = f"sqlite:///{logs / f'capacity-{index}.db'}"
+            services[label] = Server(
+                label,
+                service_cmd(port),
+                port,
+                env={**env, "DATABASE_URL": database},
+                cwd=checkout,
+                logs=logs,
+            )
         port = free_port()
         naive_env = {
             "NAIVE_CLOPOS_URL": f"{sandbox.url}/open-api",
@@ -146,8 +161,8 @@ def measure(args: argparse.Namespace) -> list[Design]:
             env=naive_env,
             logs=logs,
         )
-        servers += [service, naive]
-        designs = {name: Design(name) for name in ("service", "naive", "raw")}
+        servers += [*services.values(), naive]
+        designs = {name: Design(name) for name in (*services, "naive", "raw")}
         next_id = 1001
         for _ in range(args.rounds):
             for name in designs:
@@ -156,9 +171,7 @@ def measure(args: argparse.Namespace) -> list[Design]:
                 if name == "raw":
                     rate, cpu, lost = _raw_through(sandbox, sink, ids, args.concurrency)
                 else:
-                    rate, cpu, lost = _burst_through(
-                        service if name == "service" else naive, sink, ids
-                    )
+                    rate, cpu, lost = _burst_through(services.get(name, naive), sink, ids)
                 designs[name].rates.append(rate)
                 designs[name].cpu_per_1000.append(cpu)
                 designs[name].lost.append(lost)
@@ -195,6 +208,10 @@ def report(designs: list[Design], args: argparse.Namespace) -> list[Row]:
         else f"{median(vs_naive):.2f}x"
     )
     print(f"  service / naive {shown}, service / raw {median(vs_raw):.2f}x")
+    for name in by:
+        if name not in ("service", "naive", "raw"):
+            ratios = [s / o for s, o in zip(by["service"].rates, by[name].rates, strict=True)]
+            print(f"  service / {name} {median(ratios):.2f}x (per round: {_listed(ratios)})")
     cpu = median(by["service"].cpu_per_1000)
     return [
         Row(
@@ -228,6 +245,14 @@ def report(designs: list[Design], args: argparse.Namespace) -> list[Row]:
     ]
 
 
+def _checkouts(compare: list[str]) -> list[tuple[str, Path]]:
+    return [(name, Path(path).resolve()) for name, path in (c.split("=", 1) for c in compare)]
+
+
+def _listed(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--orders", type=int, default=1500)
@@ -238,6 +263,7 @@ def parser() -> argparse.ArgumentParser:
         default=32,
         help="orders in flight: the raw loop's, the service's hydrations and deliveries each",
     )
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=CHECKOUT")
     return p
 
 

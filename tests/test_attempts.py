@@ -26,8 +26,8 @@ import structlog
 
 from app.clopos.budget import LocalRateBudget
 from app.clopos.client import CloposClient
-from app.clopos.transport import make_http_client
 from app.delivery import SinkDeliverer
+from app.http_client import make_http_client
 from app.hydration import Hydrator
 from app.logs import configure_logging
 from app.metrics import PREFIX, Metrics

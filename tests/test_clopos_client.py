@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
+from multidict import CIMultiDict
 
 from app.clopos.budget import LocalRateBudget
 from app.clopos.client import (
@@ -30,7 +31,6 @@ from app.clopos.client import (
     _error_for,
     _token_lifetime,
 )
-from app.clopos.transport import make_http_client
 from app.errors import (
     CloposCredentialsRejected,
     CloposNotFound,
@@ -38,7 +38,10 @@ from app.errors import (
     CloposRateLimited,
     CloposTransientError,
     CloposUnauthorized,
+    HttpConnectError,
+    HttpTimeout,
 )
+from app.http_client import HttpAnswer, HttpClient, make_http_client
 from app.logs import MASK, configure_logging
 from app.sandbox import (
     DEFAULT_BRAND,
@@ -89,14 +92,14 @@ def sandbox(clock: FakeClock) -> Iterator[Sandbox]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
+async def http() -> AsyncIterator[HttpClient]:
     async with make_http_client(timeout=5.0, max_connections=16) as client:
         yield client
 
 
 def make_client(
     sandbox: Sandbox,
-    http: httpx.AsyncClient,
+    http: HttpClient,
     clock: FakeClock,
     *,
     per_minute: int = 10_000,
@@ -117,7 +120,7 @@ def gets(sandbox: Sandbox) -> list[Any]:
 
 
 async def test_one_auth_for_many_concurrent_requests(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     client = make_client(sandbox, http, clock)
     orders = await asyncio.gather(*(client.get_order(1001 + i % 5) for i in range(40)))
@@ -131,7 +134,7 @@ async def test_one_auth_for_many_concurrent_requests(
 
 
 async def test_token_refreshed_shortly_before_expiry(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     client = make_client(sandbox, http, clock)
     await client.authenticate()
@@ -153,7 +156,7 @@ async def test_token_refreshed_shortly_before_expiry(
 
 
 async def test_short_lived_token_refreshes_at_ten_percent(
-    clock: FakeClock, http: httpx.AsyncClient
+    clock: FakeClock, http: HttpClient
 ) -> None:
     state = SandboxState(clock=clock, token_ttl_seconds=120)
     with ServerThread(create_sandbox_app(state)) as server:
@@ -169,7 +172,7 @@ async def test_short_lived_token_refreshes_at_ten_percent(
 
 
 async def test_expired_tokens_cause_a_single_reauth(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     client = make_client(sandbox, http, clock)
     await client.get_order(1001)
@@ -186,7 +189,7 @@ async def test_expired_tokens_cause_a_single_reauth(
 
 
 async def test_401_twice_is_unauthorized_not_a_loop(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     client = make_client(sandbox, http, clock)
     sandbox.state.inject("401", count=5)
@@ -202,7 +205,7 @@ async def test_401_twice_is_unauthorized_not_a_loop(
 
 
 async def test_rejected_credentials_raise_distinctly_without_auth_storm(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     client = make_client(sandbox, http, clock)
     sandbox.state.reject_credentials(DEFAULT_CLIENT_ID)
@@ -225,7 +228,7 @@ async def test_rejected_credentials_raise_distinctly_without_auth_storm(
 
 
 async def test_success_false_at_auth_is_a_rejection(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     sandbox.state.add_client(
         "test-client", "test-client-secret", "prod-brand", DEFAULT_INTEGRATOR_ID, test_mode=True
@@ -246,7 +249,7 @@ async def test_success_false_at_auth_is_a_rejection(
 
 
 async def test_invalid_integrator_400_is_a_rejection(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     brand = BRAND.model_copy(update={"integrator_id": "no-such-integrator"})
     client = make_client(sandbox, http, clock, brand=brand)
@@ -256,7 +259,7 @@ async def test_invalid_integrator_400_is_a_rejection(
 
 
 async def test_auth_floor_caps_attempts_whatever_happens(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     client = make_client(sandbox, http, clock)
     sandbox.state.inject("500", count=100, route="auth")
@@ -276,7 +279,7 @@ async def test_auth_floor_caps_attempts_whatever_happens(
 
 
 async def test_waiters_share_a_failed_auth_attempt(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     client = make_client(sandbox, http, clock)
     sandbox.state.inject("500", route="auth")
@@ -290,7 +293,7 @@ async def test_waiters_share_a_failed_auth_attempt(
 
 
 async def test_auth_429_is_waited_out_without_new_calls(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     client = make_client(sandbox, http, clock)
     sandbox.state.inject("429", route="auth")
@@ -309,7 +312,7 @@ async def test_auth_429_is_waited_out_without_new_calls(
 
 
 async def test_no_request_beyond_the_budget(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     client = make_client(sandbox, http, clock, per_minute=3)
     start = clock.now
@@ -323,18 +326,17 @@ async def test_no_request_beyond_the_budget(
     assert sandbox.state.rate_limited() == 0
 
 
-async def test_429_from_another_replica_is_honoured(
-    clock: FakeClock, http: httpx.AsyncClient
-) -> None:
+async def test_429_from_another_replica_is_honoured(clock: FakeClock, http: HttpClient) -> None:
     state = SandboxState(clock=clock, tenant_limit_per_minute=5)
     with ServerThread(create_sandbox_app(state)) as server:
         sandbox = Sandbox(state, f"{server.url}/open-api", server)
         # Another process on the same tenant, not sharing our budget, uses the window up.
-        auth = await http.post(f"{sandbox.base}/v2/auth", json=CREDENTIALS)
-        token = auth.json()["token"]
-        for _ in range(5):
-            r = await http.get(f"{sandbox.base}/v2/orders/1001", headers={"x-token": token})
-            assert r.status_code == 200
+        async with httpx.AsyncClient() as other:
+            auth = await other.post(f"{sandbox.base}/v2/auth", json=CREDENTIALS)
+            token = auth.json()["token"]
+            for _ in range(5):
+                r = await other.get(f"{sandbox.base}/v2/orders/1001", headers={"x-token": token})
+                assert r.status_code == 200
         client = make_client(sandbox, http, clock)
         with pytest.raises(CloposRateLimited) as caught:
             await client.get_order(1002)
@@ -352,7 +354,7 @@ async def test_429_from_another_replica_is_honoured(
 
 
 async def test_injected_429_no_call_before_reset(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     client = make_client(sandbox, http, clock)
     await client.get_order(1001)
@@ -373,7 +375,7 @@ async def test_injected_429_no_call_before_reset(
 
 
 async def test_order_verbatim_with_receipt_and_unknown_fields(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     client = make_client(sandbox, http, clock)
     order = await client.get_order(1001)
@@ -382,15 +384,15 @@ async def test_order_verbatim_with_receipt_and_unknown_fields(
     assert (await client.get_order(1002))["receipt"] is None
     # Exactly what the server sent: compare with the raw body fetched independently.
     token = gets(sandbox)[0].headers["x-token"]
-    raw = await http.get(
-        f"{sandbox.base}/v2/orders/1001?{RECEIPT_QUERY}", headers={"x-token": token}
+    raw = await http.request(
+        "GET", f"{sandbox.base}/v2/orders/1001?{RECEIPT_QUERY}", headers={"x-token": token}
     )
     assert order == raw.json()["data"]
     assert gets(sandbox)[0].query == {"with[0]": RECEIPT_WITH}
 
 
 async def test_x_venue_sent_when_known(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     sandbox.state.put_order({"id": 7001, "venue_id": 2})
     client = make_client(sandbox, http, clock)
@@ -403,7 +405,7 @@ async def test_x_venue_sent_when_known(
 
 
 async def test_success_false_is_an_error_not_retried(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     client = make_client(sandbox, http, clock)
     sandbox.state.inject("success_false")
@@ -416,7 +418,7 @@ async def test_success_false_is_an_error_not_retried(
 
 @pytest.mark.parametrize(("fault", "status"), [("500", 500), ("504", 504)], ids=["500", "504"])
 async def test_server_errors_are_transient_and_not_retried(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock, fault: str, status: int
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock, fault: str, status: int
 ) -> None:
     client = make_client(sandbox, http, clock)
     sandbox.state.inject(fault)
@@ -427,7 +429,7 @@ async def test_server_errors_are_transient_and_not_retried(
     assert client.calls_by_status == {str(status): 1}
 
 
-async def test_not_found(sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock) -> None:
+async def test_not_found(sandbox: Sandbox, http: HttpClient, clock: FakeClock) -> None:
     client = make_client(sandbox, http, clock)
     with pytest.raises(CloposNotFound) as caught:
         await client.get_order(999_999)
@@ -435,7 +437,7 @@ async def test_not_found(sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeC
     assert len(gets(sandbox)) == 1
 
 
-async def test_list_orders(sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock) -> None:
+async def test_list_orders(sandbox: Sandbox, http: HttpClient, clock: FakeClock) -> None:
     client = make_client(sandbox, http, clock)
     page = await client.list_orders(limit=2)
     assert isinstance(page, OrdersPage)
@@ -456,7 +458,7 @@ async def test_list_orders(sandbox: Sandbox, http: httpx.AsyncClient, clock: Fak
 
 
 async def test_list_orders_filters_and_venue(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock
 ) -> None:
     sandbox.state.put_order({"id": 7001, "venue_id": 2, "status": "PENDING"})
     client = make_client(sandbox, http, clock)
@@ -489,21 +491,21 @@ async def test_hung_upstream_is_cut_off_by_the_timeout(sandbox: Sandbox, clock: 
 
 
 async def test_transport_itself_honours_the_read_timeout(sandbox: Sandbox) -> None:
-    """Without the client's own deadline, the aiohttp transport still cuts a hung read."""
+    """The HTTP client itself cuts a hung exchange at its deadline."""
     sandbox.state.hang_seconds = 3.0
     sandbox.state.inject("hang", route="auth")
     async with make_http_client(timeout=0.4, max_connections=4) as http:
         started = time.monotonic()
-        with pytest.raises(httpx.ReadTimeout):
-            await http.post(f"{sandbox.base}/v2/auth", json={})
+        with pytest.raises(HttpTimeout):
+            await http.request("POST", f"{sandbox.base}/v2/auth", headers={}, body=b"{}")
         assert time.monotonic() - started < 1.5
 
 
 async def test_refused_connection_is_a_connect_error() -> None:
     url = f"http://127.0.0.1:{free_port()}/open-api"
     async with make_http_client(timeout=2.0, max_connections=4) as http:
-        with pytest.raises(httpx.ConnectError):  # not ConnectTimeout, as upstream maps it
-            await http.get(url)
+        with pytest.raises(HttpConnectError):  # not a timeout
+            await http.request("GET", url, headers={})
         budget = LocalRateBudget(100)
         client = CloposClient(BRAND, base_url=url, http=http, budget=budget)
         with pytest.raises(CloposTransientError):
@@ -511,7 +513,7 @@ async def test_refused_connection_is_a_connect_error() -> None:
 
 
 async def test_server_gone_mid_life_counts_connect_error(
-    clock: FakeClock, http: httpx.AsyncClient
+    clock: FakeClock, http: HttpClient
 ) -> None:
     state = SandboxState(clock=clock)
     server = ServerThread(create_sandbox_app(state)).start()
@@ -541,7 +543,7 @@ def captured_logs() -> Iterator[io.StringIO]:
 
 
 async def test_secrets_and_tokens_never_logged(
-    sandbox: Sandbox, http: httpx.AsyncClient, clock: FakeClock, captured_logs: io.StringIO
+    sandbox: Sandbox, http: HttpClient, clock: FakeClock, captured_logs: io.StringIO
 ) -> None:
     client = make_client(sandbox, http, clock)
     await client.get_order(1001)
@@ -573,11 +575,9 @@ async def test_secrets_and_tokens_never_logged(
 # --- pure parts -------------------------------------------------------------------------
 
 
-def _response(status: int, body: Any = None, headers: dict[str, str] | None = None) -> Any:
-    request = httpx.Request("GET", "https://clopos.test/v2/orders/1")
-    if isinstance(body, bytes):
-        return httpx.Response(status, content=body, headers=headers, request=request)
-    return httpx.Response(status, json=body, headers=headers, request=request)
+def _response(status: int, body: Any = None, headers: dict[str, str] | None = None) -> HttpAnswer:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return HttpAnswer(status, "", CIMultiDict(headers or {}), content, "/v2/orders/1")
 
 
 @pytest.mark.parametrize(
@@ -743,7 +743,10 @@ async def test_connection_pool_is_bounded(clock: FakeClock) -> None:
 
 def test_rejects_a_bad_order_id() -> None:
     client = CloposClient(
-        BRAND, base_url="http://x", http=httpx.AsyncClient(), budget=LocalRateBudget(1)
+        BRAND,
+        base_url="http://x",
+        http=make_http_client(timeout=1, max_connections=1),
+        budget=LocalRateBudget(1),
     )
     with pytest.raises(ValueError, match="positive"):
         asyncio.run(client.get_order(0))

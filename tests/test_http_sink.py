@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from app import __version__, signing
 from app.errors import ConfigError, SinkPermanentError, SinkRetryableError
+from app.http_client import make_http_client
 from app.settings import HttpSinkConfig
 from app.sinks.http import HttpSink, parse_retry_after
 from app.snapshot import build_body, snapshot_key
@@ -480,7 +481,7 @@ async def test_connection_refused_is_retryable(make_sink: SinkFactory) -> None:
     error = await deliver_error(make_sink(f"http://127.0.0.1:{free_port()}/hook"))
     assert isinstance(error, SinkRetryableError)
     assert error.status is None
-    assert error.detail.startswith("network error: ConnectError")
+    assert error.detail.startswith("network error: HttpConnectError")
 
 
 # --- configuration ---------------------------------------------------------------------
@@ -505,7 +506,7 @@ async def test_a_given_client_is_used_and_left_open(receiver: tuple[Receiver, st
     config = HttpSinkConfig.model_validate(
         {"type": "http", "url": f"{url}/verify/old", "secret": OLD, "concurrency": 2}
     )
-    async with httpx.AsyncClient() as client:
+    async with make_http_client(timeout=5.0, max_connections=2) as client:
         sink = HttpSink("hook", config, client=client)
         assert (sink.name, sink.kind, sink.concurrency) == ("hook", "http", 2)
         await sink.deliver(make_delivery())

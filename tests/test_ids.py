@@ -17,8 +17,8 @@ from app import ids
 from app.cli import build_parser
 from app.clopos.budget import LocalRateBudget
 from app.clopos.client import CloposClient
-from app.clopos.transport import make_http_client
 from app.errors import ApiError
+from app.http_client import make_http_client
 from app.ingest import parse_notice
 from app.poller import parse_listed
 from app.sandbox import SandboxState, create_sandbox_app

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from app.backlog import BacklogReader, backlog_threshold, worth_listing
-from app.clopos import CloposClient, LocalRateBudget, make_http_client
+from app.clopos import CloposClient, LocalRateBudget
+from app.http_client import make_http_client
 from app.hydration import Hydrator, make_snapshot
 from app.list_hydration import ListHydrator, listed_state
 from app.metrics import Metrics

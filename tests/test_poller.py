@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from app.clopos import CloposClient, LocalRateBudget, OrdersPage, make_http_client
+from app.clopos import CloposClient, LocalRateBudget, OrdersPage
 from app.errors import (
     CloposCredentialsRejected,
     CloposError,
@@ -29,6 +29,7 @@ from app.errors import (
     CloposUnauthorized,
     ConfigError,
 )
+from app.http_client import make_http_client
 from app.hydration import make_snapshot
 from app.metrics import Metrics
 from app.pauses import BrandPauses

@@ -1,8 +1,7 @@
-"""Clopos Open API v2: the async client, its HTTP transport and the tenant rate budget."""
+"""Clopos Open API v2: the async client and the tenant rate budget."""
 
 from app.clopos.budget import BudgetState, LocalRateBudget, RateBudget
 from app.clopos.client import CloposClient, OrdersPage
-from app.clopos.transport import make_http_client
 
 __all__ = [
     "BudgetState",
@@ -10,5 +9,4 @@ __all__ = [
     "LocalRateBudget",
     "OrdersPage",
     "RateBudget",
-    "make_http_client",
 ]

@@ -15,7 +15,7 @@ What it does for its callers (the hydration workers, the poller, the CLI):
   every response, 429s included. Auth is tier 1 (per IP), not the tenant's tier 3, so it
   does not draw on the tenant budget; the auth floor bounds it instead.
 - **Errors**: every outcome is mapped in one place (:func:`_error_for`) onto the tree of
-  ``app.errors``; httpx exceptions are translated where the request is sent (:meth:`_send`).
+  ``app.errors``; transport failures are translated where the request is sent (:meth:`_send`).
 - **Retries**: none for transient errors. The durable retry layer (the worker, with backoff,
   jitter and a dead letter) owns them; a retry here would only spend budget twice and hide
   the failure from its metrics. The single exception is the 401 refresh-and-retry, which is
@@ -27,6 +27,7 @@ What it does for its callers (the hydration workers, the poller, the CLI):
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections import deque
@@ -36,10 +37,9 @@ from datetime import date
 from typing import Any, NoReturn
 from urllib.parse import quote, urlencode
 
-import httpx
 from opentelemetry.trace import Tracer
 
-from app import ids, tracing
+from app import __version__, ids, tracing
 from app.clopos.budget import RateBudget, retry_after_seconds
 from app.errors import (
     CloposCredentialsRejected,
@@ -49,7 +49,12 @@ from app.errors import (
     CloposRateLimited,
     CloposTransientError,
     CloposUnauthorized,
+    HttpConnectError,
+    HttpTimeout,
+    HttpTransportError,
+    HttpUnsendable,
 )
+from app.http_client import HttpAnswer, HttpClient
 from app.logs import REDACTOR, get_logger
 from app.settings import BrandConfig
 
@@ -74,6 +79,7 @@ _AUTH_ERROR_IDS = frozenset(
     }
 )
 _DEFAULT_TIMEOUT_SECONDS = 10.0
+_HEADERS = {"accept": "application/json", "user-agent": f"clopos-hydrator/{__version__}"}
 # Lifetime assumed when an auth answer gives no usable expiry (docs: 3600; be cautious).
 _FALLBACK_TOKEN_LIFETIME = 300.0
 _MAX_REFRESH_MARGIN = 60.0
@@ -103,7 +109,7 @@ class _Rejection:
     error: str | None
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+def _json_object(response: HttpAnswer) -> dict[str, Any] | None:
     """The body as a JSON object, or None when it is not one."""
     try:
         body = response.json()
@@ -132,11 +138,11 @@ def _looks_like_auth(body: dict[str, Any] | None) -> bool:
     return error in _AUTH_ERROR_IDS
 
 
-def _error_for(response: httpx.Response, body: dict[str, Any] | None) -> CloposError | None:
+def _error_for(response: HttpAnswer, body: dict[str, Any] | None) -> CloposError | None:
     """THE mapping of an API answer onto ``app.errors``; None when it is a usable success."""
-    status = response.status_code
+    status = response.status
     error, message = _envelope_fields(body)
-    text = message or response.reason_phrase or f"HTTP {status}"
+    text = message or response.reason or f"HTTP {status}"
     if 200 <= status < 300:
         if body is None:
             return CloposPermanentError("response is not a JSON object", status=status)
@@ -222,7 +228,7 @@ class CloposClient:
         brand: BrandConfig,
         *,
         base_url: str,
-        http: httpx.AsyncClient,
+        http: HttpClient,
         budget: RateBudget,
         clock: Callable[[], float] = time.time,
         timeout: float | None = None,
@@ -238,7 +244,7 @@ class CloposClient:
         self._budget = budget
         self._clock = clock
         # Total deadline of one exchange; by default the http client's read timeout.
-        self._timeout = timeout or http.timeout.read or _DEFAULT_TIMEOUT_SECONDS
+        self._timeout = timeout or http.timeout or _DEFAULT_TIMEOUT_SECONDS
         self._auth_burst = auth_burst
         self._auth_window = auth_window_seconds
         self._rejected_cooldown = rejected_cooldown_seconds
@@ -343,7 +349,7 @@ class CloposClient:
         Returns the body and when the request that answered was sent."""
         response, token, sent_at = await self._authenticated_get(url, venue_id, route)
         body = _json_object(response)
-        if response.status_code == 401 or _looks_like_auth(body):
+        if response.status == 401 or _looks_like_auth(body):
             response, token, sent_at = await self._authenticated_get(
                 url, venue_id, route, stale=token
             )
@@ -357,7 +363,7 @@ class CloposClient:
 
     async def _authenticated_get(
         self, url: str, venue_id: str | None, route: str, *, stale: str | None = None
-    ) -> tuple[httpx.Response, str, float]:
+    ) -> tuple[HttpAnswer, str, float]:
         """One budgeted call, and when it was sent. The budget is waited for *before* the
         token is taken, so a wait for the budget (up to a minute) never sends a token
         that expired meanwhile.
@@ -371,7 +377,7 @@ class CloposClient:
             await self._acquire_budget(tenant)
             budget_wait = time.perf_counter() - waited
             token = await self._ensure_token(stale)
-            headers = {"x-token": token, "accept": "application/json"}
+            headers = {**_HEADERS, "x-token": token}
             if venue_id is not None:
                 headers["x-venue"] = str(venue_id)
             started = time.perf_counter()
@@ -379,16 +385,16 @@ class CloposClient:
             read = READS.get(route, route)
             self.calls_by_read[read] = self.calls_by_read.get(read, 0) + 1
             response = await self._send("GET", url, headers=headers, count=True)
-            self._budget.observe(tenant, status=response.status_code, headers=response.headers)
+            self._budget.observe(tenant, status=response.status, headers=response.headers)
             if span is not None:
-                span.set_attribute("http.response.status_code", response.status_code)
+                span.set_attribute("http.response.status_code", response.status)
                 span.set_attribute("clopos.budget_wait_ms", round(budget_wait * 1000, 1))
         log.debug(
             "clopos.request",
             brand=self.brand.brand,
             method="GET",
-            path=response.url.path,
-            status=response.status_code,
+            path=response.url_path,
+            status=response.status,
             venue_id=venue_id,
             duration_ms=round((time.perf_counter() - started) * 1000, 1),
         )
@@ -414,26 +420,28 @@ class CloposClient:
         url: str,
         *,
         headers: dict[str, str],
-        json: dict[str, str] | None = None,
+        body: bytes | None = None,
         count: bool,
-    ) -> httpx.Response:
-        """One HTTP exchange under the total deadline; httpx failures become Clopos errors."""
+    ) -> HttpAnswer:
+        """One HTTP exchange under the total deadline; transport failures become Clopos
+        errors."""
         try:
-            async with asyncio.timeout(self._timeout):
-                response = await self._http.request(method, url, headers=headers, json=json)
-        except (TimeoutError, httpx.TimeoutException) as exc:
+            response = await self._http.request(
+                method, url, headers=headers, body=body, within=self._timeout
+            )
+        except HttpTimeout as exc:
             self._count(count, "timeout")
             raise CloposTransientError(f"no answer within {self._timeout:g} s") from exc
-        except httpx.UnsupportedProtocol as exc:
+        except HttpUnsendable as exc:
             self._count(count, "transport_error")
             raise CloposPermanentError(f"cannot call {method} {url}: {exc}") from exc
-        except httpx.ConnectError as exc:
+        except HttpConnectError as exc:
             self._count(count, "connect_error")
             raise CloposTransientError(f"connection failed: {exc}") from exc
-        except httpx.RequestError as exc:
+        except HttpTransportError as exc:
             self._count(count, "transport_error")
-            raise CloposTransientError(f"{type(exc).__name__}: {exc}") from exc
-        self._count(count, str(response.status_code))
+            raise CloposTransientError(str(exc)) from exc
+        self._count(count, str(response.status))
         return response
 
     def _count(self, enabled: bool, key: str) -> None:
@@ -527,8 +535,8 @@ class CloposClient:
             response = await self._send(
                 "POST",
                 f"{self._base}/v2/auth",
-                headers={"accept": "application/json"},
-                json=payload,
+                headers={**_HEADERS, "content-type": "application/json"},
+                body=json.dumps(payload).encode(),
                 count=False,
             )
         except CloposError as exc:
@@ -548,15 +556,15 @@ class CloposClient:
         log.info(
             "clopos.auth.ok",
             brand=brand.brand,
-            status=response.status_code,
+            status=response.status,
             expires_in=round(lifetime),
             duration_ms=duration_ms,
         )
         return token
 
-    def _accept_auth(self, response: httpx.Response, body: dict[str, Any] | None) -> str:
+    def _accept_auth(self, response: HttpAnswer, body: dict[str, Any] | None) -> str:
         """The token of a successful auth answer, or the right error for the others."""
-        status = response.status_code
+        status = response.status
         error, message = _envelope_fields(body)
         if status in (400, 401, 403) or (
             200 <= status < 300 and body is not None and body.get("success") is False

@@ -26,17 +26,23 @@ of the secrets and extra header values this sink knows.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 
-import httpx
+import yarl
 
 from app import __version__, tracing
-from app.clopos.transport import make_http_client
-from app.errors import ConfigError, SinkPermanentError, SinkRetryableError
+from app.errors import (
+    ConfigError,
+    HttpTimeout,
+    HttpTransportError,
+    HttpUnsendable,
+    SinkPermanentError,
+    SinkRetryableError,
+)
+from app.http_client import HttpAnswer, HttpClient, make_http_client
 from app.logs import get_logger
 from app.settings import HttpSinkConfig
 from app.signing import secret_key, sign
@@ -61,7 +67,7 @@ RESERVED_HEADERS = frozenset(
     }
 )
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}")
-_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]{0,8192}")  # httpx encodes header values as ASCII
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]{0,8192}")  # printable ASCII: no header injection
 _DELTA_SECONDS = re.compile(r"[0-9]{1,12}")
 _MASK = "[REDACTED]"
 
@@ -109,7 +115,7 @@ class HttpSink:
         name: str,
         config: HttpSinkConfig,
         *,
-        client: httpx.AsyncClient | None = None,
+        client: HttpClient | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
@@ -122,10 +128,7 @@ class HttpSink:
                 secret_key(secret)
             except ValueError as exc:
                 raise ConfigError("SINKS", f"sink {name!r}: secret #{index}: {exc}") from exc
-        try:
-            self._url = httpx.URL(config.url)
-        except httpx.InvalidURL as exc:
-            raise ConfigError("SINKS", f"sink {name!r}: url is not valid") from exc
+        self._url = _sink_url(name, config.url)
         self._headers = {
             "user-agent": f"clopos-hydrator/{__version__}",
             # Read raw bytes for excerpts; a compressed error page is not worth inflating.
@@ -136,15 +139,14 @@ class HttpSink:
         known = [
             *self._secrets,
             *config.headers.values(),
-            self._url.query.decode(),
+            self._url.raw_query_string,
+            self._url.query_string,
             self._url.password or "",
         ]
         self._scrub_values = sorted({v for v in known if len(v) >= 6}, key=len, reverse=True)
         self._owns_client = client is None
-        # The aiohttp transport, as the Clopos client uses: with httpx's default one the
-        # delivery path was over half of the event loop's time in a capacity profile
-        # (httpcore's pool bookkeeping, an import lookup per request); see
-        # docs/benchmarks.md. Redirects are not followed, certificates are verified.
+        # The same HTTP client as the Clopos client's (app/http_client.py): redirects are
+        # not followed, certificates are verified, one deadline per exchange.
         self._client = client or make_http_client(
             timeout=config.timeout_seconds, max_connections=config.concurrency
         )
@@ -154,20 +156,8 @@ class HttpSink:
 
     async def deliver(self, delivery: Delivery) -> None:
         """POST the body; return on 2xx, else raise a SinkError subclass."""
-        request = self._client.build_request(
-            "POST",
-            self._url,
-            content=delivery.body,
-            headers=self._signed_headers(delivery),
-            timeout=self.timeout_seconds,
-        )
-        deadline = asyncio.get_running_loop().time() + self.timeout_seconds
-        response = await self._send(request, deadline)
-        try:
-            excerpt = await self._read_bounded(response, deadline)
-        finally:
-            await response.aclose()
-        self._classify(response, excerpt)
+        response = await self._send(delivery)
+        self._classify(response)
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -189,43 +179,31 @@ class HttpSink:
         tracing.inject(headers)  # W3C traceparent of the delivery span, when tracing is on
         return headers
 
-    async def _send(self, request: httpx.Request, deadline: float) -> httpx.Response:
-        """Send and wait for the status line; translate httpx failures at this boundary."""
+    async def _send(self, delivery: Delivery) -> HttpAnswer:
+        """POST within the deadline, reading at most MAX_RESPONSE_BYTES of the answer (the
+        status decides; the body is only an excerpt). Transport failures are translated
+        at this boundary."""
         try:
-            async with asyncio.timeout_at(deadline):
-                return await self._client.send(request, stream=True)
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            raise SinkRetryableError(
-                f"no answer within {self.timeout_seconds:g}s ({type(exc).__name__})"
-            ) from exc
-        except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
+            return await self._client.request(
+                "POST",
+                self._url,
+                headers=self._signed_headers(delivery),
+                body=delivery.body,
+                within=self.timeout_seconds,
+                body_limit=MAX_RESPONSE_BYTES,
+            )
+        except HttpTimeout as exc:
+            raise SinkRetryableError(f"no answer within {self.timeout_seconds:g}s") from exc
+        except HttpUnsendable as exc:
             # Our request cannot be sent as configured: retrying will not change that.
-            raise SinkPermanentError(
-                self._scrub(f"cannot send: {type(exc).__name__}: {exc}")
-            ) from exc
-        except httpx.TransportError as exc:
+            raise SinkPermanentError(self._scrub(f"cannot send: {exc}")) from exc
+        except HttpTransportError as exc:
             raise SinkRetryableError(
                 self._scrub(f"network error: {type(exc).__name__}: {exc}")
             ) from exc
 
-    async def _read_bounded(self, response: httpx.Response, deadline: float) -> bytes:
-        """Up to MAX_RESPONSE_BYTES of the body, within the deadline; the status already
-        decides the outcome, so a body that fails to arrive only shortens the excerpt."""
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout_at(deadline):
-                async for chunk in response.aiter_raw():
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if size >= MAX_RESPONSE_BYTES:
-                        break
-        except (TimeoutError, httpx.HTTPError):
-            pass
-        return b"".join(chunks)[:MAX_RESPONSE_BYTES]
-
-    def _classify(self, response: httpx.Response, body: bytes) -> None:
-        status = response.status_code
+    def _classify(self, response: HttpAnswer) -> None:
+        status = response.status
         if 200 <= status < 300:
             return
         if 300 <= status < 400:
@@ -233,7 +211,7 @@ class HttpSink:
             target = location.split("?", 1)[0][:200]  # a query may carry tokens
             detail = f"HTTP {status}: redirects are not followed (location: {target})"
             raise SinkPermanentError(self._scrub(detail), status=status)
-        detail = self._describe(status, body)
+        detail = self._describe(status, response.body)
         if status in RETRYABLE_STATUSES or not 400 <= status < 500:
             retry_after = parse_retry_after(response.headers.get("retry-after"), self._clock())
             raise SinkRetryableError(detail, status=status, retry_after=retry_after)
@@ -258,3 +236,14 @@ class HttpSink:
         for value in self._scrub_values:
             text = text.replace(value, _MASK)
         return text
+
+
+def _sink_url(sink: str, url: str) -> yarl.URL:
+    """The configured URL, encoded once here; only absolute http(s) URLs can work."""
+    try:
+        parsed = yarl.URL(url)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("SINKS", f"sink {sink!r}: url is not valid") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError("SINKS", f"sink {sink!r}: url is not valid")
+    return parsed
