@@ -33,11 +33,20 @@ import aiohttp
 import httpx
 import yarl
 
-from app.errors import HttpConnectError, HttpTimeout, HttpTransportError, HttpUnsendable
+from app.errors import (
+    ConfigError,
+    HttpConnectError,
+    HttpTimeout,
+    HttpTransportError,
+    HttpUnsendable,
+)
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 KEEPALIVE_SECONDS = 30.0
 _CHUNK = 64 * 1024
+# No answer read whole comes near this (a list page of 200 orders with receipts is well
+# under 1 MiB); past it, the answer is broken or hostile (e.g. a gzip bomb).
+MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +82,8 @@ class HttpClient:
     ``timeout`` is the default deadline of a whole exchange; connecting alone is bounded
     by ``min(5 s, timeout)``. At most ``max_connections`` exchanges are open at once
     (the others wait for a connection within their deadline). The session is made on
-    first use, inside the running loop. The owner must ``await aclose()``.
+    first use, inside the running loop, and serves that loop only. The owner must
+    ``await aclose()``.
     """
 
     def __init__(self, *, timeout: float, max_connections: int) -> None:
@@ -81,7 +91,10 @@ class HttpClient:
             raise ValueError("timeout must be > 0 and max_connections >= 1")
         self.timeout = timeout
         self.max_connections = max_connections
+        # Read now, so a broken SSL_CERT_FILE stops start-up instead of every request.
+        self._ssl = _trust_store()
         self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     @property
@@ -91,20 +104,23 @@ class HttpClient:
     def _get_session(self) -> aiohttp.ClientSession:
         if self._closed:
             raise HttpUnsendable("the HTTP client is closed")
+        loop = asyncio.get_running_loop()
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self.max_connections,
-                keepalive_timeout=KEEPALIVE_SECONDS,
-                ssl=_trust_store(),
-            )
+            self._loop = loop
             self._session = aiohttp.ClientSession(
-                connector=connector,
+                connector=aiohttp.TCPConnector(
+                    limit=self.max_connections, keepalive_timeout=KEEPALIVE_SECONDS, ssl=self._ssl
+                ),
                 trust_env=False,
-                auto_decompress=True,
-                # The whole-exchange deadline is ours (asyncio.timeout), not aiohttp's.
+                # Cookies from Clopos or a sink are neither kept nor sent back: nothing
+                # here is a browser session, and parsing them cost CPU on every answer.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                # The whole-exchange deadline is ours (asyncio.timeout_at), not aiohttp's.
                 timeout=aiohttp.ClientTimeout(total=None),
                 skip_auto_headers=("User-Agent",),
             )
+        elif loop is not self._loop:
+            raise HttpUnsendable("the HTTP client belongs to another event loop")
         return self._session
 
     async def request(
@@ -125,9 +141,12 @@ class HttpClient:
         while reading only shortens them: for callers whom the status alone decides.
         """
         seconds = within if within is not None else self.timeout
-        target = url if isinstance(url, yarl.URL) else yarl.URL(url, encoded=True)
+        try:
+            target = url if isinstance(url, yarl.URL) else yarl.URL(url, encoded=True)
+        except (ValueError, TypeError) as exc:
+            raise HttpUnsendable(f"not a usable URL: {exc}") from exc
         end = asyncio.get_running_loop().time() + seconds
-        response = await self._send(method, target, headers, body, end, seconds)
+        response = await self._send(method, target, headers, body, end, seconds, body_limit)
         try:
             if body_limit is None:
                 content = await _read_all(response, end)
@@ -151,6 +170,7 @@ class HttpClient:
         body: bytes | None,
         end: float,
         seconds: float,
+        body_limit: int | None,
     ) -> aiohttp.ClientResponse:
         """Connect, send, and wait for the status line and headers, by ``end``."""
         session = self._get_session()
@@ -162,6 +182,8 @@ class HttpClient:
                     headers=dict(headers),
                     data=body,
                     allow_redirects=False,
+                    # An excerpt is not worth inflating (and a bomb must not be).
+                    auto_decompress=body_limit is None,
                     timeout=aiohttp.ClientTimeout(
                         total=None, sock_connect=min(CONNECT_TIMEOUT_SECONDS, seconds)
                     ),
@@ -187,11 +209,19 @@ class HttpClient:
 
 
 async def _read_all(response: aiohttp.ClientResponse, end: float) -> bytes:
+    """The whole body by ``end``, at most MAX_BODY_BYTES (decompressed)."""
+    chunks: list[bytes] = []
+    size = 0
     try:
         async with asyncio.timeout_at(end):
-            return await response.read()
+            async for chunk in response.content.iter_chunked(_CHUNK):
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise HttpTransportError(f"answer larger than {MAX_BODY_BYTES} bytes")
+                chunks.append(chunk)
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise _translated(exc) from exc
+    return b"".join(chunks)
 
 
 async def _read_at_most(response: aiohttp.ClientResponse, limit: int, end: float) -> bytes:
@@ -216,9 +246,15 @@ _SSL: ssl.SSLContext | None = None
 
 def _trust_store() -> ssl.SSLContext:
     """The certificate store httpx used: certifi, or SSL_CERT_FILE / SSL_CERT_DIR."""
+    # One context per process: building it reads the CA file.
     global _SSL
     if _SSL is None:
-        _SSL = httpx.create_ssl_context(trust_env=True)
+        try:
+            _SSL = httpx.create_ssl_context(trust_env=True)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                "SSL_CERT_FILE", f"cannot load the certificates (or SSL_CERT_DIR): {exc}"
+            ) from exc
     return _SSL
 
 

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 
+import httpx
 import yarl
 
 from app import __version__, tracing
@@ -239,10 +240,12 @@ class HttpSink:
 
 
 def _sink_url(sink: str, url: str) -> yarl.URL:
-    """The configured URL, encoded once here; only absolute http(s) URLs can work."""
+    """The configured URL as it goes on the wire: what is already percent-encoded stays
+    as written (a receiver may check a signature over its raw URL); what is not is
+    encoded once, by httpx's rules (WHATWG), as before. Only absolute http(s) URLs."""
     try:
-        parsed = yarl.URL(url)
-    except (ValueError, TypeError) as exc:
+        parsed = yarl.URL(str(httpx.URL(url)), encoded=True)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
         raise ConfigError("SINKS", f"sink {sink!r}: url is not valid") from exc
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ConfigError("SINKS", f"sink {sink!r}: url is not valid")
