@@ -48,7 +48,7 @@ promtool:
 
 test: lint typecheck promtool unit
 
-# Every benchmark, one table, docs/benchmarks.md (about 5 minutes on 2 cores).
+# Every benchmark, one table, docs/benchmarks.md (about 8–11 minutes on 2 cores).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
