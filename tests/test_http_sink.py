@@ -436,6 +436,9 @@ async def test_error_details_never_carry_secrets(
     assert "[REDACTED]" in error.detail
     for secret in ("downstream-token-123", "url-secret-42", NEW, OLD):
         assert secret not in error.detail
+    # The path too: chat-style webhook URLs carry their secret there (the echo quotes it).
+    assert "/status/400" not in error.detail
+
     assert "hook" in repr(sink)
     assert OLD not in repr(sink)
 
@@ -499,6 +502,16 @@ def test_bad_configuration_stops_start_up() -> None:
         HttpSink("hook", config(headers={"X-Evil": "a\r\nInjected: 1"}))
     with pytest.raises(ConfigError, match="not a valid header"):
         HttpSink("hook", config(headers={"Bad Name": "x"}))
+    # Credentials in the url are sent as Basic auth: not beside another Authorization,
+    # and only what Basic auth can encode (each failed on every delivery before).
+    with pytest.raises(ConfigError, match="keep one of them"):
+        HttpSink(
+            "hook",
+            config(url="http://u:p@127.0.0.1:9/hook", headers={"Authorization": "Bearer t"}),
+        )
+    with pytest.raises(ConfigError, match="Latin-1"):
+        HttpSink("hook", config(url="http://u:%E2%82%AC@127.0.0.1:9/hook"))
+    HttpSink("hook", config(url="http://u:p%C3%A9@127.0.0.1:9/hook"))  # é is Latin-1
 
 
 async def test_a_given_client_is_used_and_left_open(receiver: tuple[Receiver, str]) -> None:

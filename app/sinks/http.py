@@ -130,6 +130,7 @@ class HttpSink:
             except ValueError as exc:
                 raise ConfigError("SINKS", f"sink {name!r}: secret #{index}: {exc}") from exc
         self._url = _sink_url(name, config.url)
+        _check_credentials(name, self._url, config.headers)
         self._headers = {
             "user-agent": f"clopos-hydrator/{__version__}",
             # Read raw bytes for excerpts; a compressed error page is not worth inflating.
@@ -143,6 +144,10 @@ class HttpSink:
             self._url.raw_query_string,
             self._url.query_string,
             self._url.password or "",
+            # Some receivers put their secret in the path (chat-style webhook URLs), and
+            # a network error's message may quote the URL.
+            self._url.raw_path,
+            self._url.path,
         ]
         self._scrub_values = sorted({v for v in known if len(v) >= 6}, key=len, reverse=True)
         self._owns_client = client is None
@@ -250,3 +255,22 @@ def _sink_url(sink: str, url: str) -> yarl.URL:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ConfigError("SINKS", f"sink {sink!r}: url is not valid")
     return parsed
+
+
+def _check_credentials(sink: str, url: yarl.URL, headers: Mapping[str, str]) -> None:
+    """Credentials in the URL go out as Basic auth: refuse, at start-up, what would fail
+    on every delivery (two Authorization sources; a password Basic auth cannot encode)."""
+    if url.user is None and url.password is None:
+        return
+    if any(name.lower() == "authorization" for name in headers):
+        raise ConfigError(
+            "SINKS",
+            f"sink {sink!r}: the url carries credentials and an Authorization header is "
+            "configured; keep one of them",
+        )
+    try:
+        f"{url.user or ''}:{url.password or ''}".encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            "SINKS", f"sink {sink!r}: the url's user or password is not Latin-1 (Basic auth)"
+        ) from exc
