@@ -179,7 +179,7 @@ class HttpClient:
                 return await session.request(
                     method,
                     url,
-                    headers=dict(headers),
+                    headers=headers,
                     data=body,
                     allow_redirects=False,
                     # An excerpt is not worth inflating (and a bomb must not be).

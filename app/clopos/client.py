@@ -78,7 +78,6 @@ _AUTH_ERROR_IDS = frozenset(
         "headers_missing",
     }
 )
-_DEFAULT_TIMEOUT_SECONDS = 10.0
 _HEADERS = {"accept": "application/json", "user-agent": f"clopos-hydrator/{__version__}"}
 # Lifetime assumed when an auth answer gives no usable expiry (docs: 3600; be cautious).
 _FALLBACK_TOKEN_LIFETIME = 300.0
@@ -243,8 +242,8 @@ class CloposClient:
         self._http = http
         self._budget = budget
         self._clock = clock
-        # Total deadline of one exchange; by default the http client's read timeout.
-        self._timeout = timeout or http.timeout or _DEFAULT_TIMEOUT_SECONDS
+        # Total deadline of one exchange; by default the http client's own (always > 0).
+        self._timeout = timeout or http.timeout
         self._auth_burst = auth_burst
         self._auth_window = auth_window_seconds
         self._rejected_cooldown = rejected_cooldown_seconds
