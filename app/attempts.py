@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
+from app.logs import Logger
 
 LOST_LEASE_DETAIL = "another worker owns this work now"
 
@@ -53,7 +53,7 @@ async def observed(
     attempt: Awaitable[Attempt],
     *,
     event: str,
-    log: structlog.stdlib.BoundLogger,
+    log: Logger,
     report: Report,
     received_at: float,
     clock: Callable[[], float],

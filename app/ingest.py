@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel
+from starlette.datastructures import Headers, QueryParams
 from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope
 
 from app import http_errors, ids, signing, tracing
 from app.errors import ApiError, StoreError
@@ -42,6 +44,19 @@ _MSG_ID = re.compile(rf"[\x21-\x7e]{{1,{signing.MAX_MSG_ID_LENGTH}}}")
 # if the commit lands later anyway, the retry coalesces or de-duplicates: nothing doubles.
 STORE_TIMEOUT_SECONDS = 10.0
 _DEDUP_HEADERS = ("webhook-id", "idempotency-key", "x-webhook-id")
+# The only headers the checks read: picked out of the request's list in one pass.
+_READ_HEADERS = frozenset(
+    name.encode()
+    for name in (
+        "content-length",
+        "x-webhook-token",
+        "webhook-signature",
+        "webhook-timestamp",
+        *_DEDUP_HEADERS,
+    )
+)
+# json.dumps with options builds an encoder per call; this one is built once.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 CLIENT_CLOSED_REQUEST = 499  # the access line's status for a sender that hung up mid-body
 
 
@@ -100,50 +115,77 @@ def parse_notice(body: bytes, paths: list[str]) -> ParsedNotice:
 # --- request handling -----------------------------------------------------------------
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+@dataclass(frozen=True)
+class Inbound:
+    """What the checks read of one webhook request: the headers they use (the first of
+    each, by lower-case name), the raw query string, and the channel the body comes on.
+
+    Built from the ASGI scope in one pass over the header list, rather than through a
+    Starlette ``Request`` whose every header lookup scans the whole list again."""
+
+    headers: dict[str, str]
+    query_string: bytes
+    receive: Receive
+
+    @classmethod
+    def from_scope(cls, scope: Scope, receive: Receive) -> Inbound:
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            if name in _READ_HEADERS:
+                headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        return cls(headers, scope.get("query_string", b""), receive)
+
+
+async def _read_body(inbound: Inbound, limit: int) -> bytes:
+    declared = inbound.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "too_large", f"body exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await inbound.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:  # stop reading: the rest of a hostile body is never buffered
             raise ApiError(413, "too_large", f"body exceeds {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _dedup_key(request: Request) -> str | None:
+def _dedup_key(inbound: Inbound) -> str | None:
     """The sender's message id, if it gave a usable one. The header is optional: a
     malformed one is ignored (the notification is still accepted), never trusted."""
     for header in _DEDUP_HEADERS:
-        value = request.headers.get(header)
+        value = inbound.headers.get(header)
         if value is not None and _MSG_ID.fullmatch(value):
             return value
     return None
 
 
-def _authenticate(request: Request, body: bytes, secret: str | None, tolerance: int) -> int | None:
+def _authenticate(inbound: Inbound, body: bytes, secret: str | None, tolerance: int) -> int | None:
     """Return the signed timestamp for a signature, None for a token (or no auth)."""
     if secret is None:  # WEBHOOK_ALLOW_UNAUTHENTICATED=true and no secret configured
         return None
-    token = request.headers.get("x-webhook-token") or request.query_params.get("token")
+    headers = inbound.headers
+    token = headers.get("x-webhook-token") or QueryParams(inbound.query_string).get("token")
     if token is not None:
         if not signing.constant_time_equals(token, secret):
             raise ApiError(401, "bad_token", "invalid webhook token")
         return None
-    signature = request.headers.get("webhook-signature")
+    signature = headers.get("webhook-signature")
     if signature is None:
         raise ApiError(
             401, "unauthenticated", "send X-Webhook-Token or a Standard Webhooks signature"
         )
-    msg_id = request.headers.get("webhook-id", "")
+    msg_id = headers.get("webhook-id", "")
     try:
         signed_at = signing.verify(
             secret,
             msg_id=msg_id,
-            timestamp=request.headers.get("webhook-timestamp", ""),
+            timestamp=headers.get("webhook-timestamp", ""),
             signature_header=signature,
             body=body,
             now=time.time(),
@@ -161,10 +203,10 @@ def _authenticate(request: Request, body: bytes, secret: str | None, tolerance: 
     return signed_at
 
 
-async def _accept(runtime: Runtime, request: Request, brand: str) -> JSONResponse:
+async def _accept(runtime: Runtime, inbound: Inbound, brand: str) -> Response:
     config = runtime.config
     settings = config.settings
-    body = await _read_body(request, settings.webhook_max_body_bytes)
+    body = await _read_body(inbound, settings.webhook_max_body_bytes)
     tolerance = settings.webhook_timestamp_tolerance_seconds
     if brand not in config.brands:
         # Say "no such brand" only to a caller holding the shared secret: to anyone else
@@ -172,10 +214,10 @@ async def _accept(runtime: Runtime, request: Request, brand: str) -> JSONRespons
         shared = config.webhook_secret_for(brand)
         if shared is None and not settings.webhook_allow_unauthenticated:
             raise ApiError(401, "unauthenticated", "invalid webhook credentials")
-        _authenticate(request, body, shared, tolerance)
+        _authenticate(inbound, body, shared, tolerance)
         raise ApiError(404, "unknown_brand", "no such brand is configured")
-    signed_at = _authenticate(request, body, config.webhook_secret_for(brand), tolerance)
-    dedup_key = _dedup_key(request)
+    signed_at = _authenticate(inbound, body, config.webhook_secret_for(brand), tolerance)
+    dedup_key = _dedup_key(inbound)
     notice = parse_notice(body, settings.webhook_order_id_paths)
     notification = Notification(
         brand=brand,
@@ -203,7 +245,7 @@ async def _accept(runtime: Runtime, request: Request, brand: str) -> JSONRespons
     if result.duplicate and signed_at is not None and result.previous_signed_at == signed_at:
         raise ApiError(409, "replayed", "this signed message was already received")
     outcome = "duplicate" if result.duplicate else "coalesced" if result.coalesced else "new"
-    runtime.metrics.accepted.labels(brand, outcome).inc()
+    runtime.metrics.count_accepted(brand, outcome)
     if not result.duplicate:
         runtime.wake_hydration()
     log.info(
@@ -215,17 +257,15 @@ async def _accept(runtime: Runtime, request: Request, brand: str) -> JSONRespons
         job_id=result.job_id,
         outcome=outcome,
     )
-    return JSONResponse(
-        {
-            "accepted": True,
-            "brand": brand,
-            "order_id": notice.order_id,
-            "notification_id": result.notification_id,
-            "duplicate": result.duplicate,
-            "coalesced": result.coalesced,
-        },
-        status_code=202,
-    )
+    answer = {
+        "accepted": True,
+        "brand": brand,
+        "order_id": notice.order_id,
+        "notification_id": result.notification_id,
+        "duplicate": result.duplicate,
+        "coalesced": result.coalesced,
+    }
+    return Response(_ENCODER.encode(answer).encode(), 202, media_type="application/json")
 
 
 class Accepted(BaseModel):
@@ -275,32 +315,31 @@ WEBHOOK_DOCS: dict[str, Any] = {
 }
 
 
-async def handle(runtime: Runtime, request: Request, brand: str | None) -> Response:
+async def handle(runtime: Runtime, scope: Scope, receive: Receive, brand: str | None) -> Response:
     """Answer one webhook request; traced as ``webhook.receive`` when tracing is on."""
+    inbound = Inbound.from_scope(scope, receive)
     if runtime.tracer is None:
-        return await _respond(runtime, request, brand)
+        return await _respond(runtime, inbound, brand)
     route = "/webhooks/clopos" if brand is None else "/webhooks/clopos/{brand}"
     attributes = {"http.request.method": "POST", "http.route": route}
-    with tracing.request_span(
-        runtime.tracer, "webhook.receive", request.headers, attributes
-    ) as span:
+    headers = Headers(scope=scope)  # all of them: the propagator reads what it needs
+    with tracing.request_span(runtime.tracer, "webhook.receive", headers, attributes) as span:
         if span is not None:
             tracing.bind_span_ids(span)
-        response = await _respond(runtime, request, brand)
+        response = await _respond(runtime, inbound, brand)
         if span is not None:
             span.set_attribute("http.response.status_code", response.status_code)
         return response
 
 
-async def _respond(runtime: Runtime, request: Request, brand: str | None) -> Response:
-    route = "default" if brand is None else "brand"
-    runtime.metrics.received.labels(route).inc()
+async def _respond(runtime: Runtime, inbound: Inbound, brand: str | None) -> Response:
+    runtime.metrics.count_received("default" if brand is None else "brand")
     try:
         if brand is None:
             if runtime.config.default_brand is None:
                 raise ApiError(404, "unknown_brand", "no default brand is configured")
             brand = runtime.config.default_brand
-        return await _accept(runtime, request, brand)
+        return await _accept(runtime, inbound, brand)
     except ClientDisconnect:
         # The sender hung up before its body was complete: nothing was stored, nobody
         # is left to answer, and it is not our error. The access line shows 499 (the
@@ -316,9 +355,9 @@ async def _respond(runtime: Runtime, request: Request, brand: str | None) -> Res
 
 @router.post("/webhooks/clopos", status_code=202, **WEBHOOK_DOCS)
 async def webhook_default(request: Request, runtime: RuntimeDep) -> Response:
-    return await handle(runtime, request, None)
+    return await handle(runtime, request.scope, request.receive, None)
 
 
 @router.post("/webhooks/clopos/{brand}", status_code=202, **WEBHOOK_DOCS)
 async def webhook_brand(brand: str, request: Request, runtime: RuntimeDep) -> Response:
-    return await handle(runtime, request, brand)
+    return await handle(runtime, request.scope, request.receive, brand)

@@ -14,7 +14,6 @@ answered by FastAPI as before.
 
 from __future__ import annotations
 
-from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from app import ingest
@@ -66,5 +65,5 @@ class WebhookRoute:
         brand = match(scope)
         if isinstance(brand, _NotWebhook):  # a caller's bug: say so rather than guess
             raise RuntimeError(f"not a webhook request: {scope.get('path')!r}")
-        response = await ingest.handle(self.runtime, Request(scope, receive), brand)
+        response = await ingest.handle(self.runtime, scope, receive, brand)
         await response(scope, receive, send)

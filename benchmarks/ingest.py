@@ -160,7 +160,8 @@ def measure(args: argparse.Namespace) -> list[Target]:
                     url = f"sqlite:///{logs / f'bench-{index}.db'}"
                 port = free_port()
                 name = f"{label} ({store})"
-                env = service_env(sandbox, url)
+                budget = {"CLOPOS_RATE_LIMIT_PER_MINUTE": str(args.budget)} if args.budget else {}
+                env = service_env(sandbox, url, **budget)
                 servers.append(Server(name, service_cmd(port), port, env=env, cwd=checkout))
                 targets.append(
                     Target(name, f"{servers[-1].url}/webhooks/clopos", server=servers[-1])
@@ -294,6 +295,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--postgres", action="store_true", help="start a throwaway PostgreSQL")
     p.add_argument("--compare", action="append", default=[], metavar="NAME=CHECKOUT")
     p.add_argument("--wrk", action="store_true")
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=0,
+        help="Clopos calls per minute the services may spend (default: lifted)",
+    )
     return p
 
 
