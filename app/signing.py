@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
@@ -147,15 +148,22 @@ def verify(
     return signed_at
 
 
-def constant_time_equals(a: str, b: str) -> bool:
-    """Compare two tokens without leaking where they differ, nor their lengths.
+def constant_time_equals(given: str, expected: str) -> bool:
+    """Compare a caller's token with ours without leaking where they differ, nor their
+    lengths.
 
     Both sides are hashed first: ``compare_digest`` on raw values returns early on a
-    length mismatch, which would tell an attacker the secret's length.
+    length mismatch, which would tell an attacker the secret's length. Our side's hash
+    is computed once per secret (it is asked on every webhook request).
     """
-    return hmac.compare_digest(
-        hashlib.sha256(a.encode()).digest(), hashlib.sha256(b.encode()).digest()
-    )
+    return hmac.compare_digest(_token_digest(given), _expected_digest(expected))
+
+
+def _token_digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+_expected_digest = functools.lru_cache(maxsize=64)(_token_digest)
 
 
 def new_secret() -> str:

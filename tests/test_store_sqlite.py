@@ -572,3 +572,25 @@ async def test_claims_state_their_preconditions_in_sql(tmp_path: Path) -> None:
     assert [row[0] for row in tokens] == ["a"], "the first claim keeps its lease"
     first.close()
     second.close()
+
+
+async def test_an_enqueue_without_an_answer_in_time_is_a_store_error(
+    sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The webhook's 503 for a stalled store: the caller stops waiting at the deadline;
+    the operation itself still runs when the writer gets to it, and commits."""
+    monkeypatch.setattr("app.store.sqlite.ENQUEUE_TIMEOUT_SECONDS", 0.2)
+    gate = Gate()
+    held = await gate.hold(sqlite_store)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(StoreError, match=r"enqueue: no answer within 0\.2 s"):
+        await sqlite_store.enqueue(notice(1))
+    assert asyncio.get_running_loop().time() - started < 5
+    gate.release.set()
+    await held
+    later = await sqlite_store.enqueue(notice(1, T0 + 1))
+    assert later.coalesced, "the late enqueue committed: this one joined its job"
+    counted = await sqlite_store.run(
+        "count", lambda conn: conn.execute("SELECT count(*) FROM notifications").fetchone()[0]
+    )
+    assert counted == 2

@@ -65,6 +65,10 @@ ReplayMode = Literal["auto", "hydrate", "deliver"]
 # dead letter with this reason; MAX_LOST_LEASES in the settings.
 DEFAULT_MAX_LOST_LEASES = 3
 LEASE_LOST = "lease_lost"
+# An enqueue that has no answer within this raises StoreError (the webhook answers 503
+# and the sender retries). If it commits later anyway, the retry coalesces or is
+# recognised as a duplicate: nothing doubles.
+ENQUEUE_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -345,9 +349,10 @@ class Store(Protocol):
     async def enqueue(self, notification: Notification) -> EnqueueResult:
         """Commit a notification (durably) and coalesce it into its order's job.
 
-        A notice makes a waiting job due now unless it is in a failure backoff; an
-        operator's notice (source "admin" or "replay") makes it due now regardless and
-        resets its attempts. A notice revives a done or dead job.
+        Answers within ``ENQUEUE_TIMEOUT_SECONDS`` or raises StoreError. A notice makes
+        a waiting job due now unless it is in a failure backoff; an operator's notice
+        (source "admin" or "replay") makes it due now regardless and resets its
+        attempts. A notice revives a done or dead job.
         """
 
     async def enqueue_many(self, notifications: Sequence[Notification]) -> list[EnqueueResult]:

@@ -37,6 +37,7 @@ from app.store import pg_sql as sql
 from app.store.base import (
     BUDGET_SPEND_KEEP_SECONDS,
     DEFAULT_MAX_LOST_LEASES,
+    ENQUEUE_TIMEOUT_SECONDS,
     LEASE_LOST,
     CompleteResult,
     DeadLetter,
@@ -180,9 +181,13 @@ class PostgresStore:
     # --- ingest -------------------------------------------------------------------------
 
     async def enqueue(self, notification: Notification) -> EnqueueResult:
-        result: EnqueueResult = await self._run(
-            "enqueue", lambda conn: _enqueue(conn, notification)
-        )
+        try:
+            async with asyncio.timeout(ENQUEUE_TIMEOUT_SECONDS):
+                result: EnqueueResult = await self._run(
+                    "enqueue", lambda conn: _enqueue(conn, notification)
+                )
+        except TimeoutError as exc:
+            raise StoreError(f"enqueue: no answer within {ENQUEUE_TIMEOUT_SECONDS:g} s") from exc
         return result
 
     async def enqueue_many(self, notifications: Sequence[Notification]) -> list[EnqueueResult]:

@@ -44,6 +44,7 @@ from app.store import rules, sql, sqlite_listed
 from app.store.base import (
     BUDGET_SPEND_KEEP_SECONDS,
     DEFAULT_MAX_LOST_LEASES,
+    ENQUEUE_TIMEOUT_SECONDS,
     LEASE_LOST,
     CompleteResult,
     DeadLetter,
@@ -137,15 +138,23 @@ class SqliteStore:
         if lock is not None:
             lock.release()
 
-    async def run(self, name: str, fn: Callable[[Conn], T], *, savepoint: bool = True) -> T:
+    async def run(
+        self,
+        name: str,
+        fn: Callable[[Conn], T],
+        *,
+        savepoint: bool = True,
+        within: float | None = None,
+    ) -> T:
         """Run ``fn(connection)`` on the writer thread, in the next group commit.
 
         The escape hatch for SQLite-specific tooling and tests; store semantics live in
-        the methods below. ``savepoint``: see :mod:`app.store.sqlite_writer`.
+        the methods below. ``savepoint`` and ``within``: see
+        :meth:`app.store.sqlite_writer.GroupCommitWriter.submit`.
         """
         if self._writer is None:
             raise StoreError(f"{name}: the store is not open")
-        return await self._writer.submit(name, fn, savepoint=savepoint)
+        return await self._writer.submit(name, fn, savepoint=savepoint, within=within)
 
     async def pragmas(self) -> dict[str, Any]:
         """The connection settings in force (for diagnostics)."""
@@ -168,7 +177,12 @@ class SqliteStore:
     async def enqueue(self, notification: Notification) -> EnqueueResult:
         # No savepoint: the enqueue fails only on a broken database, never as an
         # expected outcome after a write; it is the ingest hot path.
-        return await self.run("enqueue", lambda conn: _enqueue(conn, notification), savepoint=False)
+        return await self.run(
+            "enqueue",
+            lambda conn: _enqueue(conn, notification),
+            savepoint=False,
+            within=ENQUEUE_TIMEOUT_SECONDS,
+        )
 
     async def enqueue_many(self, notifications: Sequence[Notification]) -> list[EnqueueResult]:
         if not notifications:
