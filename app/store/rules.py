@@ -52,6 +52,12 @@ class JobPatch:
     last_error: str | None
     coalesced: bool
 
+    def changes(self, job: JobState) -> dict[str, object]:
+        """The columns whose value differs from ``job``'s (the generation always does)."""
+        return {
+            name: value for name, value in self.columns().items() if getattr(job, name) != value
+        }
+
     def columns(self) -> dict[str, object]:
         """The patch as the columns an ``UPDATE_JOB_ON_NOTICE`` statement binds."""
         return {

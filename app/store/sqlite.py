@@ -585,9 +585,12 @@ def _insert_job(conn: Conn, notice: Notification) -> int:
 
 def _notice_job(conn: Conn, job: Row, notice: Notification) -> bool:
     """Fold a notice into an existing job (rules.on_notice); True when it joined live work."""
-    patch = rules.on_notice(_job_state(job), notice)
+    state = _job_state(job)
+    patch = rules.on_notice(state, notice)
+    changes = patch.changes(state)
     conn.execute(
-        sql.UPDATE_JOB_ON_NOTICE, {"id": job["id"], "now": notice.received_at, **patch.columns()}
+        sql.update_job_on_notice(tuple(changes)),
+        {"id": job["id"], "now": notice.received_at, **changes},
     )
     return patch.coalesced
 
