@@ -9,6 +9,7 @@ string is never logged: it may carry the webhook token.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import time
@@ -52,15 +53,19 @@ class AccessLogMiddleware:
         finally:
             path: str = scope.get("path", "")
             quiet = path in _QUIET_PATHS and status < 400
-            (log.debug if quiet else log.info)(
-                "http.request",
-                method=scope.get("method"),
-                path=path,
-                status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                client=_client(scope),
-            )
-            structlog.contextvars.clear_contextvars()
+            # The line's fields are computed only when it will be written (a webhook
+            # request at LOG_LEVEL=warning writes none). The context needs no clearing
+            # afterwards: uvicorn runs each request in a task of its own, whose copy of
+            # the context ends with it; the next request clears what it inherits.
+            if log.enabled_for(logging.DEBUG if quiet else logging.INFO):
+                (log.debug if quiet else log.info)(
+                    "http.request",
+                    method=scope.get("method"),
+                    path=path,
+                    status=status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                    client=_client(scope),
+                )
 
 
 def _request_id(scope: Scope) -> str:

@@ -218,6 +218,11 @@ class Logger:
         self._std = logging.getLogger(name)
         self._proxy: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
 
+    def enabled_for(self, level: int) -> bool:
+        """Whether a line at ``level`` would be written: for a caller whose fields cost
+        something to compute."""
+        return self._std.isEnabledFor(level)
+
     def debug(self, event: str, **kw: Any) -> None:
         if self._std.isEnabledFor(logging.DEBUG):
             self._proxy.debug(event, **kw)
