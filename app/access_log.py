@@ -54,9 +54,7 @@ class AccessLogMiddleware:
             path: str = scope.get("path", "")
             quiet = path in _QUIET_PATHS and status < 400
             # The line's fields are computed only when it will be written (a webhook
-            # request at LOG_LEVEL=warning writes none). The context needs no clearing
-            # afterwards: uvicorn runs each request in a task of its own, whose copy of
-            # the context ends with it; the next request clears what it inherits.
+            # request at LOG_LEVEL=warning writes none).
             if log.enabled_for(logging.DEBUG if quiet else logging.INFO):
                 (log.debug if quiet else log.info)(
                     "http.request",
@@ -66,6 +64,10 @@ class AccessLogMiddleware:
                     duration_ms=round((time.perf_counter() - started) * 1000, 2),
                     client=_client(scope),
                 )
+            # Under uvicorn each request's task context ends with it, but a caller that
+            # runs the app in its own context (httpx's ASGITransport, an embedding test)
+            # must not keep this request's id, nor the trace ids the handler bound.
+            structlog.contextvars.clear_contextvars()
 
 
 def _request_id(scope: Scope) -> str:

@@ -119,9 +119,11 @@ class Inbound:
     each, by lower-case name), the raw query string, and the channel the body comes on.
 
     Built from the ASGI scope in one pass over the header list, rather than through a
-    Starlette ``Request`` whose every header lookup scans the whole list again."""
+    Starlette ``Request`` whose every header lookup scans the whole list again.
+    ``checked_headers`` holds only the names in ``_READ_HEADERS``: a check that reads
+    another header must add its name there."""
 
-    headers: dict[str, str]
+    checked_headers: dict[str, str]
     query_string: bytes
     receive: Receive
 
@@ -135,7 +137,7 @@ class Inbound:
 
 
 async def _read_body(inbound: Inbound, limit: int) -> bytes:
-    declared = inbound.headers.get("content-length")
+    declared = inbound.checked_headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "too_large", f"body exceeds {limit} bytes")
     chunks: list[bytes] = []
@@ -157,7 +159,7 @@ def _dedup_key(inbound: Inbound) -> str | None:
     """The sender's message id, if it gave a usable one. The header is optional: a
     malformed one is ignored (the notification is still accepted), never trusted."""
     for header in _DEDUP_HEADERS:
-        value = inbound.headers.get(header)
+        value = inbound.checked_headers.get(header)
         if value is not None and _MSG_ID.fullmatch(value):
             return value
     return None
@@ -167,7 +169,7 @@ def _authenticate(inbound: Inbound, body: bytes, secret: str | None, tolerance: 
     """Return the signed timestamp for a signature, None for a token (or no auth)."""
     if secret is None:  # WEBHOOK_ALLOW_UNAUTHENTICATED=true and no secret configured
         return None
-    headers = inbound.headers
+    headers = inbound.checked_headers
     token = headers.get("x-webhook-token") or QueryParams(inbound.query_string).get("token")
     if token is not None:
         if not signing.constant_time_equals(token, secret):

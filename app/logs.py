@@ -210,7 +210,9 @@ class Logger:
     structlog's lazy logger binds a new logger per call and only then drops a line below
     the level (``filter_by_level``): about 6 us for a line nobody sees, twice per
     webhook request at ``LOG_LEVEL=warning`` (docs/performance.md). The check here is
-    the same one ``filter_by_level`` makes, taken before any of that work."""
+    the one ``filter_by_level`` makes, taken before any of that work, and only once
+    :func:`configure_logging` has put that filter in place: before it (a script, a
+    test), structlog's defaults write every line, as they always did."""
 
     __slots__ = ("_proxy", "_std")
 
@@ -221,30 +223,30 @@ class Logger:
     def enabled_for(self, level: int) -> bool:
         """Whether a line at ``level`` would be written: for a caller whose fields cost
         something to compute."""
-        return self._std.isEnabledFor(level)
+        return self._std.isEnabledFor(level) or not structlog.is_configured()
 
     def debug(self, event: str, **kw: Any) -> None:
-        if self._std.isEnabledFor(logging.DEBUG):
+        if self.enabled_for(logging.DEBUG):
             self._proxy.debug(event, **kw)
 
     def info(self, event: str, **kw: Any) -> None:
-        if self._std.isEnabledFor(logging.INFO):
+        if self.enabled_for(logging.INFO):
             self._proxy.info(event, **kw)
 
     def warning(self, event: str, **kw: Any) -> None:
-        if self._std.isEnabledFor(logging.WARNING):
+        if self.enabled_for(logging.WARNING):
             self._proxy.warning(event, **kw)
 
     def error(self, event: str, **kw: Any) -> None:
-        if self._std.isEnabledFor(logging.ERROR):
+        if self.enabled_for(logging.ERROR):
             self._proxy.error(event, **kw)
 
     def exception(self, event: str, **kw: Any) -> None:
-        if self._std.isEnabledFor(logging.ERROR):
+        if self.enabled_for(logging.ERROR):
             self._proxy.exception(event, **kw)
 
     def critical(self, event: str, **kw: Any) -> None:
-        if self._std.isEnabledFor(logging.CRITICAL):
+        if self.enabled_for(logging.CRITICAL):
             self._proxy.critical(event, **kw)
 
 

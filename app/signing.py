@@ -163,7 +163,8 @@ def _token_digest(value: str) -> bytes:
     return hashlib.sha256(value.encode()).digest()
 
 
-_expected_digest = functools.lru_cache(maxsize=64)(_token_digest)
+# Keyed only by our configured secrets (never by what a caller sends): bounded by them.
+_expected_digest = functools.cache(_token_digest)
 
 
 def new_secret() -> str:

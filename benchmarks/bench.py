@@ -152,6 +152,9 @@ def main() -> None:
         "",
         *table(rows),
         "",
+        "Ingest: the services hydrate meanwhile within the documented Clopos budget "
+        f"({ingest.DOCUMENTED_BUDGET} calls a minute), as in production; "
+        '"budget lifted" is the same service hydrating flat out. '
         "How the ingest path got here, step by step with its profiles: "
         "[docs/performance.md](performance.md).",
         "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from typing import Any
 
 import pytest
 import structlog
@@ -103,3 +104,51 @@ def test_the_log_sink_writes_even_above_info_and_keeps_order_keys() -> None:
     logged = event["body"]["order"]  # type: ignore[index]
     assert logged["integration_token"] == "clopos-data"  # Clopos's field, verbatim
     assert SECRETS[0] not in stream.getvalue()  # a known secret still never appears
+
+
+def test_lines_below_the_level_are_dropped_and_unconfigured_logging_writes_all(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The level check in front of structlog (app.logs.Logger) drops exactly what
+    LOG_LEVEL drops; before configure_logging (a script, a test) every line is written,
+    as structlog's defaults do."""
+    stream = io.StringIO()
+    configure_logging(fmt="json", level="warning", stream=stream)
+    log = get_logger("app.levels")
+    log.debug("dropped.debug")
+    log.info("dropped.info")
+    log.warning("kept.warning")
+    log.error("kept.error")
+    assert [line["event"] for line in lines(stream)] == ["kept.warning", "kept.error"]
+    assert not log.enabled_for(logging.INFO)
+    assert log.enabled_for(logging.WARNING)
+
+    structlog.reset_defaults()
+    try:
+        log.info("unconfigured.info")
+        assert "unconfigured.info" in capsys.readouterr().out
+    finally:
+        logging.getLogger().handlers[:] = []
+
+
+async def test_the_access_log_leaves_nothing_in_its_callers_context() -> None:
+    """Run in the caller's own context (httpx's ASGITransport does), the middleware must
+    not leave its request id, nor what the app bound, behind."""
+    from app.access_log import AccessLogMiddleware
+
+    async def app(scope: dict[str, object], receive: object, send: Any) -> None:
+        structlog.contextvars.bind_contextvars(trace_id="t1")
+        await send({"type": "http.response.start", "status": 202, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/webhooks/clopos", "headers": []}
+    structlog.contextvars.clear_contextvars()
+    await AccessLogMiddleware(app)(scope, None, send)  # type: ignore[arg-type]
+    assert structlog.contextvars.get_contextvars() == {}
+    headers = dict(sent[0]["headers"])  # type: ignore[call-overload]
+    assert b"x-request-id" in headers

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 import psycopg
 import pytest
 
-from app.errors import ConfigError
+from app.errors import ConfigError, StoreError
 from app.store import open_store
 from app.store.base import Delivery, NewSnapshot, Notification, PollerLead
 from app.store.pg_migrate import migration_scripts
@@ -265,3 +265,25 @@ async def test_one_replica_polls_a_brand_and_another_takes_over_when_it_dies(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_an_enqueue_that_waits_past_the_deadline_is_a_store_error(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The webhook's 503 for a stalled store: another session holds the order's job row,
+    so the enqueue waits; at ENQUEUE_TIMEOUT_SECONDS the caller gets a StoreError (not a
+    bare TimeoutError), and the store serves the next enqueue once the row is free."""
+    monkeypatch.setattr("app.store.postgres.ENQUEUE_TIMEOUT_SECONDS", 0.3)
+    store = PostgresStore(pg_url, pool_size=2)
+    await store.open()
+    try:
+        await store.enqueue(notice(4242))
+        connect = psycopg.AsyncConnection.connect
+        async with await connect(pg_url) as holder, holder.transaction():
+            await holder.execute("SELECT id FROM hydration_jobs WHERE order_id = 4242 FOR UPDATE")
+            with pytest.raises(StoreError, match=r"enqueue: no answer within 0\.3 s"):
+                await store.enqueue(notice(4242, T0 + 1))
+        later = await store.enqueue(notice(4242, T0 + 2))
+        assert later.notification_id is not None
+    finally:
+        await store.close()
