@@ -174,10 +174,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        # The ingest counters' children, by label values: ``labels()`` takes a lock and
-        # checks its arguments on every call, a measurable share of a webhook request.
-        self._received: dict[str, Counter] = {}
-        self._accepted: dict[tuple[str, str], Counter] = {}
+        # The ingest counters' children, by counter and label values: ``labels()`` takes
+        # a lock and checks its arguments on every call, a measurable share of a webhook
+        # request.
+        self._children: dict[tuple[str, ...], Counter] = {}
         self.received = Counter(
             f"{PREFIX}_notifications_received",
             "Inbound notification requests, before any check.",
@@ -278,18 +278,18 @@ class Metrics:
 
     def count_received(self, route: str) -> None:
         """One webhook request on ``route`` (default or brand), before any check."""
-        child = self._received.get(route)
-        if child is None:
-            child = self._received[route] = self.received.labels(route)
-        child.inc()
+        self._child(self.received, "received", route).inc()
 
     def count_accepted(self, brand: str, outcome: str) -> None:
         """One notification stored for ``brand`` (a configured one: the set is bounded)."""
-        key = (brand, outcome)
-        child = self._accepted.get(key)
+        self._child(self.accepted, "accepted", brand, outcome).inc()
+
+    def _child(self, counter: Counter, name: str, *labels: str) -> Counter:
+        key = (name, *labels)
+        child = self._children.get(key)
         if child is None:
-            child = self._accepted[key] = self.accepted.labels(brand, outcome)
-        child.inc()
+            child = self._children[key] = counter.labels(*labels)
+        return child
 
     def hydration_finished(
         self, brand: str, outcome: str, reason: str | None, seconds: float | None, latency: float

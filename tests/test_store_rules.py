@@ -199,25 +199,12 @@ def test_a_fetched_state_an_honest_stamp_proves_older_is_stale() -> None:
 def test_a_notice_updates_only_what_it_changed() -> None:
     """The SQLite store sets only these columns (sql.update_job_on_notice): every column
     a patch carries must be one it may set, and an unchanged one must not be listed."""
-    job = rules.JobState(
-        status="pending",
-        venue_id="7",
-        generation=3,
-        force_generation=0,
-        attempts=0,
-        not_found_attempts=0,
-        retry_at=NOW - 5,
-        pending_since=NOW - 5,
-        last_error=None,
-    )
-    patch = rules.on_notice(job, Notification(brand="acme", order_id=1, received_at=NOW))
+    job = replace(WAITING, retry_at=NOW - 5)  # due already: the notice moves nothing else
+    patch = rules.on_notice(job, notice())
     assert set(patch.columns()) == sql.JOB_NOTICE_COLUMNS
     assert patch.changes(job) == {"generation": 4}
-    revived = rules.on_notice(
-        replace(job, status="done", attempts=2, last_error="x"),
-        Notification(brand="acme", order_id=1, received_at=NOW),
-    )
-    assert revived.changes(replace(job, status="done", attempts=2, last_error="x")) == {
+    done = replace(job, status="done", attempts=2, last_error="x")
+    assert rules.on_notice(done, notice()).changes(done) == {
         "status": "pending",
         "generation": 4,
         "attempts": 0,
