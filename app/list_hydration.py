@@ -8,10 +8,11 @@ purpose (app/backlog.py), hydrates every order on it without a detail call:
 - each listed order becomes a :class:`~app.store.base.ListedState`: its content, the
   snapshot id that content has (the id a detail read of the same state gets), and a
   way to render the body with ``"hydrated_from": "order_list"``;
-- the store applies the page in one transaction (``Store.apply_listed``): a new state
-  (by content) is stored and delivered, as after a fetch; the order's notices received
-  before the page was read are satisfied; coalescing, never-backwards, sinks and dead
-  letters are the store's as for any fetch;
+- the store applies the page :data:`APPLY_CHUNK` orders per transaction
+  (``Store.apply_listed``), so webhooks' commits never wait behind a whole page: a new
+  state (by content) is stored and delivered, as after a fetch; the order's notices
+  received before the page was read are satisfied; coalescing, never-backwards, sinks
+  and dead letters are the store's as for any fetch;
 - what the page cannot decide (a fetch in flight, an operator's forced fetch, a dead
   job, two states of one second read in an order that cannot be told, an entry that is
   not a usable order) comes back as :attr:`PageResult.fallback`: those orders are left to
@@ -37,6 +38,12 @@ from app.store.base import ListedResult, ListedState, Store
 log = get_logger("app.list_hydration")
 # A page decides these; the others are left to a fetch.
 DECIDED = frozenset({"stored", "unchanged", "stale", "skipped"})
+# Orders applied per store transaction. A whole page (up to a hundred orders) in one
+# transaction held SQLite's single writer for 13-28 ms, and every webhook's 202 waited
+# behind it: the ingest p99 under load (docs/performance.md). Each order's outcome stands
+# alone, so nothing needs the page whole; a crash between chunks leaves the rest of the
+# page to the next read or to a fetch, as if the page had never been read.
+APPLY_CHUNK = 10
 
 
 class ListObserver(Protocol):
@@ -111,14 +118,41 @@ class ListHydrator:
         *,
         notified_only: bool = False,
     ) -> PageResult:
-        """Apply the page's ``orders`` (read from ``page``) as of when it was read."""
+        """Apply the page's ``orders`` (read from ``page``) as of when it was read, a
+        chunk of :data:`APPLY_CHUNK` orders per store transaction."""
         now = self._clock()
+        result = PageResult()
+        for start in range(0, len(orders), APPLY_CHUNK):
+            chunk = orders[start : start + APPLY_CHUNK]
+            await self._apply_chunk(brand, page, chunk, now, notified_only, result)
+        for item in result.results:
+            if item.outcome == "stored":
+                log.info(
+                    "list_hydration.stored",
+                    order_id=item.order_id,
+                    version=item.version,
+                    satisfied=item.satisfied,
+                    page=page.page,
+                )
+        self._observer.list_applied(brand, result.stored, result.satisfied, len(result.fallback))
+        if result.stored:
+            self._on_stored()
+        return result
+
+    async def _apply_chunk(
+        self,
+        brand: str,
+        page: OrdersPage,
+        orders: Sequence[ListedOrder],
+        now: float,
+        notified_only: bool,
+        into: PageResult,
+    ) -> None:
         states: list[ListedState] = []
-        fallback: list[ListedOrder] = []
         for order in orders:
             state = listed_state(brand, order, hydrated_at=now)
             if state is None:
-                fallback.append(order)
+                into.fallback.append(order)
             else:
                 states.append(state)
         results = await self._store.apply_listed(
@@ -130,18 +164,5 @@ class ListHydrator:
             notified_only=notified_only,
         )
         by_id = {order.order_id: order for order in orders}
-        fallback += [by_id[r.order_id] for r in results if r.outcome not in DECIDED]
-        result = PageResult(results, fallback)
-        for item in results:
-            if item.outcome == "stored":
-                log.info(
-                    "list_hydration.stored",
-                    order_id=item.order_id,
-                    version=item.version,
-                    satisfied=item.satisfied,
-                    page=page.page,
-                )
-        self._observer.list_applied(brand, result.stored, result.satisfied, len(fallback))
-        if result.stored:
-            self._on_stored()
-        return result
+        into.fallback.extend(by_id[r.order_id] for r in results if r.outcome not in DECIDED)
+        into.results.extend(results)

@@ -13,6 +13,7 @@ issue 10 has a test here:
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from app.backlog import BacklogReader, backlog_threshold, worth_listing
 from app.clopos import CloposClient, LocalRateBudget
 from app.http_client import make_http_client
 from app.hydration import Hydrator, make_snapshot
-from app.list_hydration import ListHydrator, listed_state
+from app.list_hydration import APPLY_CHUNK, ListHydrator, listed_state
 from app.metrics import Metrics
 from app.pauses import BrandPauses
 from app.poller import Poller, parse_listed
@@ -329,6 +330,51 @@ async def test_an_order_missing_from_the_pages_is_fetched_one_by_one(rig: Rig) -
     assert sorted(b["order_id"] for b in sent) == sorted([*recent, 1001])
     assert {b["hydrated_from"] for b in sent if b["order_id"] != 1001} == {"order_list"}
     assert next(b for b in sent if b["order_id"] == 1001)["hydrated_from"] == "order"
+
+
+async def test_a_page_is_applied_a_chunk_at_a_time_so_webhooks_do_not_wait_for_it(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    orders = list(range(1001, 1041))  # the sandbox's 40, each notified
+    for order_id in orders:
+        rig.touch(order_id, at=T + 1)
+        await rig.notify(order_id, at=T + 2)
+    rig.clock.now = T + 3
+    page = await rig.client.list_orders(limit=100, with_receipt=True)
+    listed = [o for o in map(parse_listed, page.orders) if o is not None]
+    assert len(listed) == 40
+
+    events: list[str] = []
+    webhooks: list[asyncio.Task[None]] = []
+    apply_listed = rig.store.apply_listed
+
+    async def recording(brand: str, states: Any, *args: Any, **kwargs: Any) -> Any:
+        events.append(f"chunk of {len(states)}")
+        if not webhooks:  # a webhook arrives while the page is being applied
+
+            async def webhook() -> None:
+                await rig.notify(1001, at=T + 4)
+                events.append("webhook committed")
+
+            webhooks.append(asyncio.create_task(webhook()))
+        return await apply_listed(brand, states, *args, **kwargs)
+
+    monkeypatch.setattr(rig.store, "apply_listed", recording)
+    commits = rig.store.commits
+    result = await rig.from_list.apply(BRAND, page, listed, notified_only=True)
+    await webhooks[0]
+
+    chunks = [e for e in events if e.startswith("chunk")]
+    assert chunks == [f"chunk of {APPLY_CHUNK}"] * (40 // APPLY_CHUNK)
+    # Its commit waited for one chunk at most, not for the rest of the page.
+    last_chunk = max(i for i, event in enumerate(events) if event.startswith("chunk"))
+    assert events.index("webhook committed") < last_chunk
+    assert rig.store.commits - commits >= len(chunks)
+    # The page's outcome is the same as in one transaction: every order stored, each
+    # notice received before the read satisfied; the webhook's notice still waits.
+    assert (result.stored, result.satisfied, result.fallback) == (40, 40, [])
+    rig.clock.now = T + 5
+    assert await rig.due() == {1001: 1}
 
 
 async def test_no_backlog_no_list_call(rig: Rig) -> None:

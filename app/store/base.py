@@ -531,14 +531,15 @@ class Store(Protocol):
         now: float,
         notified_only: bool = False,
     ) -> list[ListedResult]:
-        """Apply one list page's states, in one transaction ("a read after the notice
-        satisfies it"): each order's state is judged against its newest stored one by
-        content; a new state is stored as the next version with one delivery per sink
-        (superseding older undelivered ones), as a completed fetch would be; and every
-        notice of the order received before ``read_at`` is covered. Notices received
-        later keep the job pending. Orders with a fetch in flight, a forced fetch asked,
-        or a dead job are ``deferred`` untouched. With ``notified_only``, orders with no
-        pending job are ``skipped``; otherwise an order never seen gets a job (done).
+        """Apply list states (a page, or a chunk of one) in one transaction ("a read after
+        the notice satisfies it"): each order's state is judged against its newest
+        stored one by content; a new state is stored as the next version with one
+        delivery per sink (superseding older undelivered ones), as a completed fetch
+        would be; and every notice of the order received before ``read_at`` is covered.
+        Notices received later keep the job pending. Orders with a fetch in flight, a
+        forced fetch asked, or a dead job are ``deferred`` untouched. With
+        ``notified_only``, orders with no pending job are ``skipped``; otherwise an
+        order never seen gets a job (done).
         """
 
     async def due_by_venue(self, brand: str, *, now: float) -> list[VenueBacklog]:

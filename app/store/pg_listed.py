@@ -1,10 +1,11 @@
 """PostgreSQL: applying a list page's states (the store side of app/list_hydration.py).
 
-The same steps as :mod:`app.store.sqlite_listed`, in one transaction per page, with the
-decision in the pure :func:`app.store.listed.judge_listed`. Several replicas may apply
-pages (and complete fetches) at once: each order's job row is locked (``FOR UPDATE``)
-before it is judged, as a completion locks it, so two writers of one order serialize.
-Orders are locked in id order, so two pages that share orders cannot deadlock.
+The same steps as :mod:`app.store.sqlite_listed`, in one transaction per call (a chunk
+of a page), with the decision in the pure :func:`app.store.listed.judge_listed`. Several
+replicas may apply pages (and complete fetches) at once: each order's job row is locked
+(``FOR UPDATE``) before it is judged, as a completion locks it, so two writers of one
+order serialize. Orders are locked in id order, so two pages that share orders cannot
+deadlock.
 """
 
 from __future__ import annotations
