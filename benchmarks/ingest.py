@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -90,6 +91,7 @@ class Target:
     p99: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)  # server CPU per request, per round
+    client_cpu_ms: list[float] = field(default_factory=list)  # the load generator's, too
     server: Server | None = None
 
 
@@ -117,7 +119,7 @@ async def _load(url: str, requests: int, concurrency: int, first: int) -> tuple[
     return requests / elapsed, latencies
 
 
-def _wrk(url: str, seconds: float, concurrency: int, script: Path) -> tuple[float, float, float]:
+def _wrk(url: str, seconds: int, concurrency: int, script: Path) -> tuple[float, float, float]:
     """One wrk run: (req/s, p50 s, p99 s)."""
     wrk = shutil.which("wrk") or "wrk"
     out = subprocess.run(
@@ -187,6 +189,7 @@ def measure(args: argparse.Namespace) -> list[Target]:
                 assert target.server is not None
                 _quiesce([sandbox, *servers])
                 cpu0 = target.server.cpu_seconds()
+                client0 = _client_cpu_seconds()
                 if args.wrk:
                     rps, p50, p99 = _wrk(target.url, args.seconds, args.concurrency, script)
                 else:
@@ -197,10 +200,10 @@ def measure(args: argparse.Namespace) -> list[Target]:
                     if round_:
                         target.latencies += lat
                 if round_:
+                    served = rps * args.seconds if args.wrk else args.requests
                     cpu = target.server.cpu_seconds() - cpu0
-                    target.cpu_ms.append(
-                        cpu / (rps * args.seconds if args.wrk else args.requests) * 1000
-                    )
+                    target.cpu_ms.append(cpu / served * 1000)
+                    target.client_cpu_ms.append((_client_cpu_seconds() - client0) / served * 1000)
                     target.rps.append(rps)
                     target.p50.append(p50)
                     target.p99.append(p99)
@@ -210,6 +213,16 @@ def measure(args: argparse.Namespace) -> list[Target]:
             server.stop()
         for cleanup in cleanups:
             cleanup()
+
+
+def _client_cpu_seconds() -> float:
+    """CPU used so far by the load generator: this process (the Python client) and its
+    finished children (wrk)."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _quiesce(servers: list[Server], *, timeout: float = 60.0) -> None:
@@ -234,7 +247,7 @@ def _p(target: Target, fraction: float) -> float:
 
 def report(targets: list[Target], args: argparse.Namespace) -> list[Row]:
     bare = targets[0]
-    client = "wrk -t1" if args.wrk else "python aiohttp client"
+    client = client_name(args)
     size = f"{args.seconds}s" if args.wrk else f"{args.requests} requests"
     print(
         f"ingest: {args.rounds} alternated rounds of {size} per server, "
@@ -244,7 +257,8 @@ def report(targets: list[Target], args: argparse.Namespace) -> list[Row]:
         print(
             f"  {target.name:32s} median {median(target.rps):7.0f} req/s  "
             f"p50 {_p(target, 0.5):6.1f} ms  p99 {_p(target, 0.99):6.1f} ms  "
-            f"CPU {median(target.cpu_ms):.3f} ms/req  "
+            f"CPU {median(target.cpu_ms):.3f} ms/req "
+            f"(client {median(target.client_cpu_ms):.3f})  "
             f"(rounds: {', '.join(f'{r:.0f}' for r in target.rps)})"
         )
     rows = []
@@ -259,7 +273,7 @@ def report(targets: list[Target], args: argparse.Namespace) -> list[Row]:
         )
         rows.append(
             Row(
-                "1. ingest",
+                f"1. ingest ({client})",
                 f"{target.name} req/s",
                 f"{median(target.rps):.0f}",
                 f"bare {median(bare.rps):.0f}",
@@ -272,7 +286,7 @@ def report(targets: list[Target], args: argparse.Namespace) -> list[Row]:
         print(f"  {target.name}: server CPU per request: bare's is {cpu_ratio:.2f}x its own")
         rows.append(
             Row(
-                "1. ingest",
+                f"1. ingest ({client})",
                 f"{target.name} server CPU ms/request",
                 f"{median(target.cpu_ms):.3f}",
                 f"bare {median(bare.cpu_ms):.3f}",
@@ -283,7 +297,7 @@ def report(targets: list[Target], args: argparse.Namespace) -> list[Row]:
         )
         rows.append(
             Row(
-                "1. ingest",
+                f"1. ingest ({client})",
                 f"{target.name} p50 / p99 ms",
                 f"{_p(target, 0.5):.1f} / {_p(target, 0.99):.1f}",
                 f"bare {_p(bare, 0.5):.1f} / {_p(bare, 0.99):.1f}",
@@ -295,6 +309,10 @@ def report(targets: list[Target], args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def client_name(args: argparse.Namespace) -> str:
+    return "wrk" if args.wrk else "Python client"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=8)
@@ -302,7 +320,7 @@ def parser() -> argparse.ArgumentParser:
     # fixed cost was a large part of the bare endpoint's ~0.5 s, which flattered the ratio
     # (0.59-0.82x at 2,000 against 0.41-0.45x at 6,000, quiet machine, 2026-11-29).
     p.add_argument("--requests", type=int, default=6000, help="per round and server")
-    p.add_argument("--seconds", type=float, default=3.0, help="per round and server (--wrk)")
+    p.add_argument("--seconds", type=int, default=3, help="per round and server (--wrk)")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"))
     p.add_argument("--postgres", action="store_true", help="start a throwaway PostgreSQL")
