@@ -122,9 +122,17 @@ class ListHydrator:
         chunk of :data:`APPLY_CHUNK` orders per store transaction."""
         now = self._clock()
         result = PageResult()
-        for start in range(0, len(orders), APPLY_CHUNK):
-            chunk = orders[start : start + APPLY_CHUNK]
-            await self._apply_chunk(brand, page, chunk, now, notified_only, result)
+        try:
+            for start in range(0, len(orders), APPLY_CHUNK):
+                chunk = orders[start : start + APPLY_CHUNK]
+                await self._apply_chunk(brand, page, chunk, now, notified_only, result)
+        finally:
+            # A chunk that failed (the store) leaves the chunks before it committed:
+            # they are logged, counted and their deliveries woken all the same.
+            self._report(brand, page, result)
+        return result
+
+    def _report(self, brand: str, page: OrdersPage, result: PageResult) -> None:
         for item in result.results:
             if item.outcome == "stored":
                 log.info(
@@ -137,7 +145,6 @@ class ListHydrator:
         self._observer.list_applied(brand, result.stored, result.satisfied, len(result.fallback))
         if result.stored:
             self._on_stored()
-        return result
 
     async def _apply_chunk(
         self,

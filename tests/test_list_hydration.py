@@ -24,6 +24,7 @@ import pytest
 
 from app.backlog import BacklogReader, backlog_threshold, worth_listing
 from app.clopos import CloposClient, LocalRateBudget
+from app.errors import StoreError
 from app.http_client import make_http_client
 from app.hydration import Hydrator, make_snapshot
 from app.list_hydration import APPLY_CHUNK, ListHydrator, listed_state
@@ -375,6 +376,43 @@ async def test_a_page_is_applied_a_chunk_at_a_time_so_webhooks_do_not_wait_for_i
     assert (result.stored, result.satisfied, result.fallback) == (40, 40, [])
     rig.clock.now = T + 5
     assert await rig.due() == {1001: 1}
+
+
+async def test_a_chunk_that_fails_leaves_the_chunks_before_it_applied_and_woken(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for order_id in range(1001, 1041):
+        rig.touch(order_id, at=T + 1)
+        await rig.notify(order_id, at=T + 2)
+    rig.clock.now = T + 3
+    page = await rig.client.list_orders(limit=100, with_receipt=True)
+    listed = [o for o in map(parse_listed, page.orders) if o is not None]
+    woken: list[bool] = []
+    hydrator = ListHydrator(
+        store=rig.store,
+        sinks=[SINK],
+        observer=rig.metrics,
+        on_stored=lambda: woken.append(True),
+        clock=rig.clock,
+    )
+    apply_listed = rig.store.apply_listed
+    calls: list[int] = []
+
+    async def second_fails(brand: str, states: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(states))
+        if len(calls) == 2:
+            raise StoreError("apply_listed: disk I/O error")
+        return await apply_listed(brand, states, *args, **kwargs)
+
+    monkeypatch.setattr(rig.store, "apply_listed", second_fails)
+    with pytest.raises(StoreError):
+        await hydrator.apply(BRAND, page, listed, notified_only=True)
+
+    assert calls == [APPLY_CHUNK, APPLY_CHUNK]  # nothing after the failed chunk
+    assert woken == [True]  # the first chunk's deliveries are woken
+    assert len(await rig.deliveries()) == APPLY_CHUNK
+    rig.clock.now = T + 5
+    assert len(await rig.due()) == 40 - APPLY_CHUNK  # the rest still waits for a read
 
 
 async def test_no_backlog_no_list_call(rig: Rig) -> None:
