@@ -131,6 +131,7 @@ async def _serve(
         server.should_exit = True
 
     runtime.on_fatal = fatal
+    tune_gc()  # now that FastAPI, uvicorn, aiohttp and the app are loaded and built
     await listeners.serve()
     if not server.started:
         return 1
@@ -143,19 +144,23 @@ async def _serve(
 SWITCH_INTERVAL_SECONDS = 0.0005
 
 
-# The garbage collector's thresholds while serving (Python's are 700, 10, 10). At 700
-# allocations a young collection ran every few requests, so the objects of the requests
-# in flight were promoted to the oldest generation, and a full collection, which walks
-# every object the process holds (35-50 ms here), ran about once a second: the ingest
-# p99, and a tenth of its CPU (docs/performance.md). Our objects are freed by reference
-# counting; the collector is only there for cycles, which can wait longer.
-GC_THRESHOLDS = (50_000, 10, 10)
+# The garbage collector's thresholds while serving (Python's are 700, 10, 10). A young
+# collection runs when the tracked objects allocated since the last one, minus those
+# freed, pass the first figure. At 700 that was every few requests, so the objects of
+# the requests in flight were promoted to the oldest generation, and a full collection,
+# which walks every object the process holds (35-50 ms here), ran about once a second:
+# the ingest p99, and a tenth of its CPU (docs/performance.md). Request objects are
+# freed by reference counting; what waits for a young collection is cyclic garbage
+# (an exception's traceback and frames, for one), so the figure also bounds how much
+# of that piles up. 10,000, 20,000 and 50,000 measured alike (CPU per request within
+# the noise, RSS flat under a load of 422s with 100 KB bodies); the smallest is kept.
+GC_THRESHOLDS = (10_000, 10, 10)
 
 
 def tune_gc() -> None:
-    """Keep the collector off the request path: what start-up loaded (modules, settings,
-    the app) is frozen out of its sight (``gc.freeze``), so a full collection walks only
-    what serving created; and young collections come every 50,000 allocations."""
+    """Keep the collector off the request path: what start-up loaded and built (the
+    modules, settings, the app) is frozen out of its sight (``gc.freeze``), so a full
+    collection walks only what serving created; and young collections come less often."""
     gc.collect()  # not to freeze garbage for the process's lifetime
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
@@ -165,7 +170,6 @@ def _run_server(main: Coroutine[Any, Any, int]) -> int:
     """Run the server on uvloop, as the ``uvicorn`` command itself does: the stdlib loop
     cost the ingest path about a fifth of its throughput (docs/benchmarks.md)."""
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
-    tune_gc()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
 
