@@ -128,7 +128,8 @@ class ListHydrator:
                 await self._apply_chunk(brand, page, chunk, now, notified_only, result)
         finally:
             # A chunk that failed (the store) leaves the chunks before it committed:
-            # they are logged, counted and their deliveries woken all the same.
+            # they are logged, counted and their deliveries woken all the same. (The
+            # caller reads the page again, so its fallbacks may be counted twice.)
             self._report(brand, page, result)
         return result
 

