@@ -16,7 +16,12 @@ run, alternated round by round:
   process each round (killed after it, so its tasks still waiting for httpx's pool do
   not run on into the next round);
 * a raw aiohttp fetch-and-forward loop in this process (``--concurrency`` in flight):
-  the ceiling.
+  the ceiling;
+* the same raw loop fed by webhooks (benchmarks/servers.py ``relay_app``, its own
+  process): it answers 202 and forwards from memory, keeping nothing. Not a goal: it
+  splits the distance to the raw ceiling into what taking the notifications costs on
+  these cores (the load generator included: the raw loop has none) and what the
+  service's store, retries and signing cost.
 
 CPU is the design's own process (for the loop, this process during the loop).
 ``--compare NAME=PATH`` adds the service as checked out at PATH (e.g. a ``git worktree``
@@ -144,7 +149,7 @@ def measure(args: argparse.Namespace) -> list[Design]:
     logs = scratch("capacity")
     servers: list[Server] = []
     try:
-        designs_count = 3 + len(args.compare)
+        designs_count = 4 + len(args.compare)
         sandbox = sandbox_server(logs, seed_orders=args.orders * args.rounds * designs_count + 10)
         sink = sink_server(logs)
         servers += [sandbox, sink]
@@ -173,6 +178,12 @@ def measure(args: argparse.Namespace) -> list[Design]:
             "NAIVE_SINK_URL": f"{sink.url}/hook",
         }
         servers += services.values()
+        relay_env = {**naive_env, "RELAY_CONCURRENCY": str(args.concurrency)}
+        port = free_port()
+        relay_cmd = uvicorn_cmd("benchmarks.servers:relay_app", port)
+        relay = Server("relay", relay_cmd, port, env=relay_env, logs=logs)
+        servers.append(relay)
+        services["relay"] = relay
         designs = {name: Design(name) for name in (*services, "naive", "raw")}
         next_id = 1001
         for _ in range(args.rounds):
@@ -222,6 +233,8 @@ def report(designs: list[Design], args: argparse.Namespace) -> list[Row]:
         f"  service / naive {shown}, "
         f"service / raw {median(vs_raw):.2f}x (per round: {_listed(vs_raw)})"
     )
+    relay_vs_raw = _ratios(by["relay"], by["raw"])
+    print(f"  relay / raw {median(relay_vs_raw):.2f}x (per round: {_listed(relay_vs_raw)})")
     for name in by:
         if name not in ("service", "naive", "raw"):
             ratios = _ratios(by["service"], by[name])
@@ -249,10 +262,28 @@ def report(designs: list[Design], args: argparse.Namespace) -> list[Row]:
         ),
         Row(
             "2. capacity",
+            "relay orders/s (webhooks in, nothing kept; vs raw loop)",
+            f"{median(by['relay'].rates):.0f}",
+            f"raw {median(by['raw'].rates):.0f}",
+            f"{median(relay_vs_raw):.2f}x",
+            "(reported: the ceiling with notifications taken on these cores)",
+            "",
+        ),
+        Row(
+            "2. capacity",
+            "service orders/s (vs relay)",
+            f"{service:.0f}",
+            f"relay {median(by['relay'].rates):.0f}",
+            f"{median(_ratios(by['service'], by['relay'])):.2f}x",
+            "(reported: what the store, retries and signing cost)",
+            "",
+        ),
+        Row(
+            "2. capacity",
             "CPU s per 1,000 orders",
             f"service {cpu:.2f}",
             f"naive {median(by['naive'].cpu_per_1000):.2f}, raw "
-            f"{median(by['raw'].cpu_per_1000):.2f}",
+            f"{median(by['raw'].cpu_per_1000):.2f}, relay {median(by['relay'].cpu_per_1000):.2f}",
             f"{cpu / median(by['naive'].cpu_per_1000):.2f}x naive's",
             "(reported)",
             "",

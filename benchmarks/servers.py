@@ -9,11 +9,17 @@
   at}``; ``POST /outage?seconds=S`` answers 503 to every
   delivery for S seconds; ``POST /reset`` forgets everything;
 * ``naive_app``: the design the service replaces: FastAPI ``BackgroundTasks`` that fetch
-  the order and forward it in-process, no store (``NAIVE_CLOPOS_URL``, ``NAIVE_SINK_URL``).
+  the order and forward it in-process, no store (``NAIVE_CLOPOS_URL``, ``NAIVE_SINK_URL``);
+* ``relay_app``: the raw fetch-and-forward loop fed by webhooks: a plain ASGI handler
+  answers 202 and queues the order id in memory, ``RELAY_CONCURRENCY`` aiohttp workers
+  fetch and forward (same settings as the naive design). No store, no retries, no
+  signing: what any webhook-driven design costs on these cores before it keeps anything.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import time
@@ -21,6 +27,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import httpx
 from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -162,3 +169,83 @@ async def _naive_webhook(request: Request, tasks: BackgroundTasks) -> JSONRespon
     order_id = int(document["data"]["id"])
     tasks.add_task(_fetch_and_forward, order_id)
     return JSONResponse({"accepted": True, "order_id": order_id}, status_code=202, background=tasks)
+
+
+# --- the raw relay: webhooks in, fetch and forward, nothing kept ------------------------------
+
+
+class _Relay:
+    def __init__(self) -> None:
+        self.lost = 0
+        self.last_error: str | None = None
+        self._queue: asyncio.Queue[int] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._token = ""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if scope["method"] == "GET":
+            health = {"lost": self.lost, "last_error": self.last_error}
+            await _answer(send, 200, json.dumps(health).encode())
+            return
+        order_id = int(json.loads(body)["data"]["id"])
+        self._queue.put_nowait(order_id)
+        await _answer(send, 202, b'{"accepted":true,"order_id":%d}' % order_id)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self._start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                for worker in self._workers:
+                    worker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.gather(*self._workers)
+                if self._session is not None:
+                    await self._session.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _start(self) -> None:
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        base = os.environ["NAIVE_CLOPOS_URL"]
+        credentials = {
+            "client_id": "sandbox-client",
+            "client_secret": "sandbox-client-secret",
+            "brand": "sandbox",
+            "integrator_id": "sandbox-integrator",
+        }
+        async with self._session.post(f"{base}/v2/auth", json=credentials) as answer:
+            self._token = (await answer.json())["token"]
+        concurrency = int(os.environ.get("RELAY_CONCURRENCY", "32"))
+        self._workers = [asyncio.create_task(self._work()) for _ in range(concurrency)]
+
+    async def _work(self) -> None:
+        assert self._session is not None
+        base, sink = os.environ["NAIVE_CLOPOS_URL"], os.environ["NAIVE_SINK_URL"]
+        while True:
+            order_id = await self._queue.get()
+            try:
+                url = f"{base}/v2/orders/{order_id}?{RECEIPT_QUERY}"
+                async with self._session.get(url, headers={"x-token": self._token}) as response:
+                    order = (await response.json())["data"]
+                body = {"order_id": order_id, "order": order}
+                async with self._session.post(sink, json=body) as posted:
+                    posted.raise_for_status()
+            except (aiohttp.ClientError, KeyError, ValueError) as exc:
+                self.lost += 1
+                self.last_error = repr(exc)
+
+
+relay_app = _Relay()
