@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import aiohttp
 import httpx
@@ -72,24 +74,42 @@ class Design:
     rates: list[float] = field(default_factory=list)
     cpu_per_1000: list[float] = field(default_factory=list)
     lost: list[int] = field(default_factory=list)
+    # The share of the main thread (the event loop); the rest is the other threads',
+    # in the service the store's writer. Empty for the raw loop (this process).
+    loop_cpu_per_1000: list[float] = field(default_factory=list)
 
 
-def _burst_through(server: Server, sink: Server, order_ids: list[int]) -> tuple[float, float, int]:
-    """(orders/s delivered, CPU s per 1,000 orders, orders lost) for a server design."""
+class Through(NamedTuple):
+    rate: float  # orders/s delivered
+    cpu: float  # CPU s per 1,000 orders
+    lost: int
+    loop_cpu: float | None = None  # the main thread's CPU s per 1,000 orders
+
+
+def _main_thread_seconds(server: Server) -> float:
+    """User + system CPU time of the server's main thread (its tid is the pid)."""
+    stat = Path(f"/proc/{server.pid}/task/{server.pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _burst_through(server: Server, sink: Server, order_ids: list[int]) -> Through:
+    """Orders/s delivered, CPU s per 1,000 orders (all, the main thread's), orders lost."""
     reset_sink(sink)
-    cpu0, started = server.cpu_seconds(), time.time()
+    loop0, cpu0, started = _main_thread_seconds(server), server.cpu_seconds(), time.time()
     statuses = asyncio.run(notify(f"{server.url}/webhooks/clopos", order_ids))
     if statuses.get(202, 0) != len(order_ids):
         print(f"  {server.name}: answers {statuses}")
     last_at = wait_delivered(sink, len(order_ids), timeout=300)
     if server.name == "naive":  # its own account: how many tasks failed, and the last why
         print(f"  {server.name}: {httpx.get(f'{server.url}/healthz', timeout=60).json()}")
-    cpu = server.cpu_seconds() - cpu0
+    cpu, loop = server.cpu_seconds() - cpu0, _main_thread_seconds(server) - loop0
     delivered = sink_count(sink)["orders"]
-    return (
+    return Through(
         delivered / max(last_at - started, 1e-9),
         cpu / len(order_ids) * 1000,
-        (len(order_ids) - delivered),
+        len(order_ids) - delivered,
+        loop / len(order_ids) * 1000,
     )
 
 
@@ -119,19 +139,15 @@ async def _raw_loop(sandbox: Server, sink: Server, order_ids: list[int], concurr
     return delivered
 
 
-def _raw_through(
-    sandbox: Server, sink: Server, order_ids: list[int], concurrency: int
-) -> tuple[float, float, int]:
+def _raw_through(sandbox: Server, sink: Server, order_ids: list[int], concurrency: int) -> Through:
     reset_sink(sink)
     cpu0, started = time.process_time(), time.time()
     delivered = asyncio.run(_raw_loop(sandbox, sink, order_ids, concurrency))
     elapsed, cpu = time.time() - started, time.process_time() - cpu0
-    return delivered / elapsed, cpu / len(order_ids) * 1000, len(order_ids) - delivered
+    return Through(delivered / elapsed, cpu / len(order_ids) * 1000, len(order_ids) - delivered)
 
 
-def _naive_through(
-    env: dict[str, str], logs: Path, sink: Server, order_ids: list[int]
-) -> tuple[float, float, int]:
+def _naive_through(env: dict[str, str], logs: Path, sink: Server, order_ids: list[int]) -> Through:
     """The naive design in a fresh process, killed after its round: its background
     tasks that are still waiting must not run on into the next design's round."""
     port = free_port()
@@ -191,14 +207,17 @@ def measure(args: argparse.Namespace) -> list[Design]:
                 ids = list(range(next_id, next_id + args.orders))
                 next_id += args.orders
                 if name == "raw":
-                    rate, cpu, lost = _raw_through(sandbox, sink, ids, args.concurrency)
+                    through = _raw_through(sandbox, sink, ids, args.concurrency)
                 elif name == "naive":
-                    rate, cpu, lost = _naive_through(naive_env, logs, sink, ids)
+                    through = _naive_through(naive_env, logs, sink, ids)
                 else:
-                    rate, cpu, lost = _burst_through(services[name], sink, ids)
-                designs[name].rates.append(rate)
-                designs[name].cpu_per_1000.append(cpu)
-                designs[name].lost.append(lost)
+                    through = _burst_through(services[name], sink, ids)
+                design = designs[name]
+                design.rates.append(through.rate)
+                design.cpu_per_1000.append(through.cpu)
+                design.lost.append(through.lost)
+                if through.loop_cpu is not None:
+                    design.loop_cpu_per_1000.append(through.loop_cpu)
         return list(designs.values())
     finally:
         for server in reversed(servers):
@@ -214,8 +233,8 @@ def report(designs: list[Design], args: argparse.Namespace) -> list[Row]:
     for d in designs:
         print(
             f"  {d.name:8s} {median(d.rates):7.0f} orders/s delivered  "
-            f"{median(d.cpu_per_1000):5.2f} CPU s / 1,000 orders  lost {sum(d.lost)}  "
-            f"(rounds: {', '.join(f'{r:.0f}' for r in d.rates)})"
+            f"{median(d.cpu_per_1000):5.2f} CPU s / 1,000 orders{_threads(d)}  "
+            f"lost {sum(d.lost)}  (rounds: {', '.join(f'{r:.0f}' for r in d.rates)})"
         )
     service = median(by["service"].rates)
     vs_naive = _ratios(by["service"], by["naive"])
@@ -289,6 +308,17 @@ def report(designs: list[Design], args: argparse.Namespace) -> list[Row]:
             "",
         ),
     ]
+
+
+def _threads(design: Design) -> str:
+    """`` (main thread X, others Y)``: the event loop's share and the rest (for the
+    service, its store writer), from the same rounds' medians."""
+    if not design.loop_cpu_per_1000:
+        return ""
+    loop = median(design.loop_cpu_per_1000)
+    pairs = zip(design.cpu_per_1000, design.loop_cpu_per_1000, strict=True)
+    others = max(0.0, median([every - main for every, main in pairs]))
+    return f" (main thread {loop:.2f}, others {others:.2f})"
 
 
 def _ratios(design: Design, baseline: Design) -> list[float]:
