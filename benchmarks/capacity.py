@@ -74,8 +74,8 @@ class Design:
     rates: list[float] = field(default_factory=list)
     cpu_per_1000: list[float] = field(default_factory=list)
     lost: list[int] = field(default_factory=list)
-    # The share of the main thread (the event loop); the rest is the other threads',
-    # in the service the store's writer. Empty for the raw loop (this process).
+    # The share of the main thread (the event loop); the rest is the other threads'
+    # (in the service chiefly the store's writer). Empty for the raw loop (this process).
     loop_cpu_per_1000: list[float] = field(default_factory=list)
 
 
@@ -101,7 +101,7 @@ def _burst_through(server: Server, sink: Server, order_ids: list[int]) -> Throug
     if statuses.get(202, 0) != len(order_ids):
         print(f"  {server.name}: answers {statuses}")
     last_at = wait_delivered(sink, len(order_ids), timeout=300)
-    if server.name == "naive":  # its own account: how many tasks failed, and the last why
+    if server.name in ("naive", "relay"):  # their own account: how many failed, and why
         print(f"  {server.name}: {httpx.get(f'{server.url}/healthz', timeout=60).json()}")
     cpu, loop = server.cpu_seconds() - cpu0, _main_thread_seconds(server) - loop0
     delivered = sink_count(sink)["orders"]
@@ -294,7 +294,7 @@ def report(designs: list[Design], args: argparse.Namespace) -> list[Row]:
             f"{service:.0f}",
             f"relay {median(by['relay'].rates):.0f}",
             f"{median(_ratios(by['service'], by['relay'])):.2f}x",
-            "(reported: what the store, retries and signing cost)",
+            "(reported: what the service does beyond it: store, retries, checks, signing, logs)",
             "",
         ),
         Row(
@@ -311,8 +311,9 @@ def report(designs: list[Design], args: argparse.Namespace) -> list[Row]:
 
 
 def _threads(design: Design) -> str:
-    """`` (main thread X, others Y)``: the event loop's share and the rest (for the
-    service, its store writer), from the same rounds' medians."""
+    """`` (main thread X, others Y)``: the median of the main thread's CPU per round, and
+    the median of the rest per round (for the service chiefly its store writer). With an
+    odd number of rounds the two need not add up to the printed median total."""
     if not design.loop_cpu_per_1000:
         return ""
     loop = median(design.loop_cpu_per_1000)
