@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.clopos.client import RECEIPT_QUERY
 from benchmarks.common import (
-    SANDBOX_CREDENTIALS,
+    SANDBOX_AUTH,
     Row,
     Server,
     free_port,
@@ -86,24 +85,17 @@ class Through(NamedTuple):
     loop_cpu: float | None = None  # the main thread's CPU s per 1,000 orders
 
 
-def _main_thread_seconds(server: Server) -> float:
-    """User + system CPU time of the server's main thread (its tid is the pid)."""
-    stat = Path(f"/proc/{server.pid}/task/{server.pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _burst_through(server: Server, sink: Server, order_ids: list[int]) -> Through:
     """Orders/s delivered, CPU s per 1,000 orders (all, the main thread's), orders lost."""
     reset_sink(sink)
-    loop0, cpu0, started = _main_thread_seconds(server), server.cpu_seconds(), time.time()
+    loop0, cpu0, started = server.main_thread_cpu_seconds(), server.cpu_seconds(), time.time()
     statuses = asyncio.run(notify(f"{server.url}/webhooks/clopos", order_ids))
     if statuses.get(202, 0) != len(order_ids):
         print(f"  {server.name}: answers {statuses}")
     last_at = wait_delivered(sink, len(order_ids), timeout=300)
     if server.name in ("naive", "relay"):  # their own account: how many failed, and why
         print(f"  {server.name}: {httpx.get(f'{server.url}/healthz', timeout=60).json()}")
-    cpu, loop = server.cpu_seconds() - cpu0, _main_thread_seconds(server) - loop0
+    cpu, loop = server.cpu_seconds() - cpu0, server.main_thread_cpu_seconds() - loop0
     delivered = sink_count(sink)["orders"]
     return Through(
         delivered / max(last_at - started, 1e-9),
@@ -115,11 +107,10 @@ def _burst_through(server: Server, sink: Server, order_ids: list[int]) -> Throug
 
 async def _raw_loop(sandbox: Server, sink: Server, order_ids: list[int], concurrency: int) -> int:
     base = f"{sandbox.url}/open-api"
-    credentials = {key.removeprefix("CLOPOS_").lower(): v for key, v in SANDBOX_CREDENTIALS.items()}
     ids = iter(order_ids)
     delivered = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
-        async with session.post(f"{base}/v2/auth", json=credentials) as answer:
+        async with session.post(f"{base}/v2/auth", json=SANDBOX_AUTH) as answer:
             token = (await answer.json())["token"]
 
         async def worker() -> None:

@@ -34,6 +34,8 @@ SANDBOX_CREDENTIALS = {
     "CLOPOS_BRAND": "sandbox",
     "CLOPOS_INTEGRATOR_ID": "sandbox-integrator",
 }
+# The same, as the body of the sandbox's POST /v2/auth (for clients other than the service).
+SANDBOX_AUTH = {key.removeprefix("CLOPOS_").lower(): v for key, v in SANDBOX_CREDENTIALS.items()}
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,12 @@ def free_port() -> int:
 
 def scratch(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"bench-{prefix}-"))
+
+
+def _stat_cpu_seconds(stat: Path) -> float:
+    """User + system CPU time from a /proc ``stat`` file (a process's or a thread's)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -130,9 +138,11 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the process so far (Linux /proc)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        return _stat_cpu_seconds(Path(f"/proc/{self.pid}/stat"))
+
+    def main_thread_cpu_seconds(self) -> float:
+        """The same for its main thread alone (its thread id is the process id)."""
+        return _stat_cpu_seconds(Path(f"/proc/{self.pid}/task/{self.pid}/stat"))
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():

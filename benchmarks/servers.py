@@ -35,6 +35,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.clopos.client import RECEIPT_QUERY
 from app.sandbox import SandboxState, create_sandbox_app
+from benchmarks.common import SANDBOX_AUTH
 
 sandbox_app = create_sandbox_app(
     SandboxState(
@@ -62,12 +63,7 @@ class _Sink:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await _read_body(receive)
         path, method = scope["path"], scope["method"]
         if method == "GET" and path == "/count":
             await _answer(send, 200, self.snapshot())
@@ -89,6 +85,16 @@ class _Sink:
             self.last_at = time.time()
             self.orders.setdefault(int(json.loads(body)["order_id"]), self.last_at)
             await _answer(send, 200, b"{}")
+
+
+async def _read_body(receive: Receive) -> bytes:
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -129,13 +135,7 @@ naive_app = FastAPI(lifespan=_naive_lifespan)
 
 
 async def _naive_token(client: httpx.AsyncClient, base: str) -> str:
-    credentials = {
-        "client_id": "sandbox-client",
-        "client_secret": "sandbox-client-secret",
-        "brand": "sandbox",
-        "integrator_id": "sandbox-integrator",
-    }
-    response = await client.post(f"{base}/v2/auth", json=credentials)
+    response = await client.post(f"{base}/v2/auth", json=SANDBOX_AUTH)
     response.raise_for_status()
     token: str = response.json()["token"]
     return token
@@ -187,12 +187,7 @@ class _Relay:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await _read_body(receive)
         if scope["method"] == "GET":
             health = {"lost": self.lost, "last_error": self.last_error}
             await _answer(send, 200, json.dumps(health).encode())
@@ -227,13 +222,7 @@ class _Relay:
     async def _start(self) -> None:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
         base = os.environ["NAIVE_CLOPOS_URL"]
-        credentials = {
-            "client_id": "sandbox-client",
-            "client_secret": "sandbox-client-secret",
-            "brand": "sandbox",
-            "integrator_id": "sandbox-integrator",
-        }
-        async with self._session.post(f"{base}/v2/auth", json=credentials) as answer:
+        async with self._session.post(f"{base}/v2/auth", json=SANDBOX_AUTH) as answer:
             self._token = (await answer.json())["token"]
         concurrency = int(os.environ.get("RELAY_CONCURRENCY", "32"))
         self._workers = [asyncio.create_task(self._work()) for _ in range(concurrency)]
