@@ -177,7 +177,7 @@ class Metrics:
         # The ingest counters' children, by counter and label values: ``labels()`` takes
         # a lock and checks its arguments on every call, a measurable share of a webhook
         # request.
-        self._children: dict[tuple[str, ...], Counter] = {}
+        self._children: dict[tuple[object, ...], Counter] = {}
         self.received = Counter(
             f"{PREFIX}_notifications_received",
             "Inbound notification requests, before any check.",
@@ -278,14 +278,14 @@ class Metrics:
 
     def count_received(self, route: str) -> None:
         """One webhook request on ``route`` (default or brand), before any check."""
-        self._child(self.received, "received", route).inc()
+        self._child(self.received, route).inc()
 
     def count_accepted(self, brand: str, outcome: str) -> None:
         """One notification stored for ``brand`` (a configured one: the set is bounded)."""
-        self._child(self.accepted, "accepted", brand, outcome).inc()
+        self._child(self.accepted, brand, outcome).inc()
 
-    def _child(self, counter: Counter, name: str, *labels: str) -> Counter:
-        key = (name, *labels)
+    def _child(self, counter: Counter, *labels: str) -> Counter:
+        key = (counter, *labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = counter.labels(*labels)
