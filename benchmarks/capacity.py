@@ -74,7 +74,7 @@ class Design:
     cpu_per_1000: list[float] = field(default_factory=list)
     lost: list[int] = field(default_factory=list)
     # The share of the main thread (the event loop); the rest is the other threads'
-    # (in the service chiefly the store's writer). Empty for the raw loop (this process).
+    # (in the service chiefly its store writer process). Empty for the raw loop (this process).
     loop_cpu_per_1000: list[float] = field(default_factory=list)
 
 
@@ -303,7 +303,7 @@ def report(designs: list[Design], args: argparse.Namespace) -> list[Row]:
 
 def _threads(design: Design) -> str:
     """`` (main thread X, others Y)``: the median of the main thread's CPU per round, and
-    the median of the rest per round (for the service chiefly its store writer). With an
+    the median of the rest per round (for the service chiefly its store writer process). With an
     odd number of rounds the two need not add up to the printed median total."""
     if not design.loop_cpu_per_1000:
         return ""

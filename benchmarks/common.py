@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import resource
@@ -66,6 +67,24 @@ def _stat_cpu_seconds(stat: Path) -> float:
     """User + system CPU time from a /proc ``stat`` file (a process's or a thread's)."""
     fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _family(pid: int) -> list[int]:
+    """``pid`` and its living descendants: the service's store writer is a child
+    process (app/store/sqlite_writer.py), and its work is the service's."""
+    family = [pid]
+    for tasks in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for child in tasks.read_text().split():
+                family += _family(int(child))
+    return family
+
+
+def _status_kb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field):
+            return float(line.split()[1])
+    return float("nan")
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -137,24 +156,25 @@ class Server:
         self._log.close()
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the process so far (Linux /proc)."""
-        return _stat_cpu_seconds(Path(f"/proc/{self.pid}/stat"))
+        """User + system CPU time of the process and its living children so far (Linux
+        /proc)."""
+        total = 0.0
+        for pid in _family(self.pid):
+            with contextlib.suppress(OSError):  # a child that has just exited
+                total += _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+        return total
 
     def main_thread_cpu_seconds(self) -> float:
         """The same for its main thread alone (its thread id is the process id)."""
         return _stat_cpu_seconds(Path(f"/proc/{self.pid}/task/{self.pid}/stat"))
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Resident memory of the process and its children."""
+        return sum(_status_kb(pid, "VmRSS:") for pid in _family(self.pid)) / 1024
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """The sum of each one's peak: at least the peak of the two together."""
+        return sum(_status_kb(pid, "VmHWM:") for pid in _family(self.pid)) / 1024
 
     def __enter__(self) -> Server:
         return self
