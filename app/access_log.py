@@ -80,8 +80,9 @@ def _request_id(scope: Scope) -> str:
 
 
 # Generated ids: 32 random bits per process, then a counter (16 hex digits in all). No
-# system call per request: on the ingest hot path every syscall is a chance for the
-# store's writer thread to take the GIL (os.urandom showed up at 7% in a profile).
+# system call per request: on the ingest hot path every syscall is a chance for another
+# thread to take the GIL (os.urandom showed up at 7% in a profile, when the store's
+# writer was a thread).
 _ID_PREFIX = os.urandom(4).hex()
 _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
 

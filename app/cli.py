@@ -138,9 +138,11 @@ async def _serve(
     return exit_code
 
 
-# How long the store's writer thread may hold the GIL while the event loop waits for it
-# (Python's default is 5 ms): every socket write of the loop releases the GIL, and getting
-# it back from a busy writer cost the ingest path latency and throughput.
+# How long another thread may hold the GIL while the event loop waits for it (Python's
+# default is 5 ms): every socket write of the loop releases the GIL, and getting it back
+# from a busy thread cost the ingest path latency and throughput. Measured when the
+# store's writer was a thread; it is a process now (app/store/sqlite_writer.py), and
+# the threads left (executors, an exporter) are rarely busy.
 SWITCH_INTERVAL_SECONDS = 0.0005
 
 

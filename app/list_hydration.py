@@ -24,10 +24,11 @@ from detail payloads): the poller then enqueues notices and every change is fetc
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from app.clopos.client import OrdersPage
 from app.logs import get_logger
@@ -77,19 +78,31 @@ def listed_state(brand: str, order: ListedOrder, *, hydrated_at: float) -> Liste
     except ValueError:
         return None
 
-    def render(notification_ids: tuple[int, ...], received_at: float) -> bytes:
-        return build_body(
-            key=key,
-            brand=brand,
-            order_id=order.order_id,
-            order=order.order,
-            notification_ids=list(notification_ids),
-            received_at=received_at,
-            hydrated_at=hydrated_at,
-            hydrated_from="order_list",
-        )
-
+    # A partial of a module-level function, not a closure: the state is sent to the
+    # store's writer process, where the body is rendered (app/store/sqlite_writer.py).
+    render = functools.partial(_render_listed, key, brand, order.order_id, order.order, hydrated_at)
     return ListedState(order.order_id, order.venue_id, key, order.updated_at, render)
+
+
+def _render_listed(
+    key: str,
+    brand: str,
+    order_id: int,
+    order: dict[str, Any],
+    hydrated_at: float,
+    notification_ids: tuple[int, ...],
+    received_at: float,
+) -> bytes:
+    return build_body(
+        key=key,
+        brand=brand,
+        order_id=order_id,
+        order=order,
+        notification_ids=list(notification_ids),
+        received_at=received_at,
+        hydrated_at=hydrated_at,
+        hydrated_from="order_list",
+    )
 
 
 class ListHydrator:

@@ -7,6 +7,7 @@ Runs once per backend in ``conftest.STORE_BACKENDS``. Time is driven explicitly
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import pytest
@@ -1254,11 +1255,13 @@ async def test_a_claim_on_an_expired_lease_races_the_old_claimants_late_write(
 # --- list pages (app/list_hydration.py) -----------------------------------------------------
 
 
-def listed(order_id: int, key: str, updated: float | None = T0) -> ListedState:
-    def render(ids: tuple[int, ...], received_at: float) -> bytes:
-        return f'{{"key":"{key}","ids":{list(ids)},"received_at":{received_at}}}'.encode()
+def _render(key: str, ids: tuple[int, ...], received_at: float) -> bytes:
+    return f'{{"key":"{key}","ids":{list(ids)},"received_at":{received_at}}}'.encode()
 
-    return ListedState(order_id, "1", key, updated, render)
+
+def listed(order_id: int, key: str, updated: float | None = T0) -> ListedState:
+    # A partial, not a closure: the SQLite store renders in its writer process.
+    return ListedState(order_id, "1", key, updated, functools.partial(_render, key))
 
 
 async def test_a_page_covers_only_notices_received_before_it_was_read(store: Store) -> None:

@@ -9,9 +9,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,22 +58,79 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
         await store.close()
 
 
+def _wait_at_gate(conn: sqlite3.Connection, entered: str, release: str) -> None:
+    """Run in the writer process: say so, then hold it until released (at most 10 s)."""
+    Path(entered).touch()
+    deadline = time.monotonic() + 10
+    while not Path(release).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 class Gate:
-    """An operation that holds the writer thread until released, so that the operations
-    submitted meanwhile are queued and run together as the next batch."""
+    """An operation that holds the writer process until released, so that the
+    operations submitted meanwhile are queued and run together as the next batch. Two
+    files are the signals: the writer is another process."""
 
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def __call__(self, conn: sqlite3.Connection) -> None:
-        self.entered.set()
-        self.release.wait(10)
+    def __init__(self, folder: Path) -> None:
+        self.entered = folder / "gate-entered"
+        self.released = folder / "gate-released"
 
     async def hold(self, store: SqliteStore) -> asyncio.Task[None]:
-        task = asyncio.create_task(store.run("gate", self))
-        assert await asyncio.to_thread(self.entered.wait, 10)
+        task = asyncio.create_task(
+            store.run("gate", _wait_at_gate, str(self.entered), str(self.released))
+        )
+        deadline = time.monotonic() + 10
+        while not self.entered.exists():
+            assert time.monotonic() < deadline, "the gate was never entered"
+            await asyncio.sleep(0.005)
         return task
+
+    def release(self) -> None:
+        self.released.touch()
+
+
+def _execute(conn: sqlite3.Connection, statement: str, params: Any = ()) -> None:
+    conn.execute(statement, params)
+
+
+def _count_notifications(conn: sqlite3.Connection) -> int:
+    count: int = conn.execute("SELECT count(*) FROM notifications").fetchone()[0]
+    return count
+
+
+def _ids(conn: sqlite3.Connection) -> set[int]:
+    return {row[0] for row in conn.execute("SELECT id FROM notifications")}
+
+
+def _overflow(conn: sqlite3.Connection) -> None:
+    conn.execute("SELECT :n", {"n": 2**70})
+
+
+def _refuse(conn: sqlite3.Connection) -> None:
+    raise StoreError("the heartbeat row is missing")
+
+
+def _violate_at_commit(conn: sqlite3.Connection) -> None:
+    # A deferred foreign-key violation passes the statement and fails the COMMIT.
+    conn.execute("PRAGMA defer_foreign_keys = ON")
+    conn.execute(
+        "INSERT INTO deliveries (snapshot_id, sink, brand, order_id, version, status,"
+        " retry_at, created_at, updated_at, first_received_at)"
+        " VALUES (999999, 'http', 'acme', 1, 1, 'pending', 0, 0, 0, 0)"
+    )
+
+
+_TRACED: list[str] = []  # in the writer process: the statements traced meanwhile
+
+
+def _trace_on(conn: sqlite3.Connection) -> None:
+    _TRACED.clear()
+    conn.set_trace_callback(_TRACED.append)
+
+
+def _trace_off(conn: sqlite3.Connection) -> list[str]:
+    conn.set_trace_callback(None)
+    return list(_TRACED)
 
 
 async def test_concurrent_enqueues_are_group_committed(sqlite_store: SqliteStore) -> None:
@@ -88,33 +146,28 @@ async def test_concurrent_enqueues_are_group_committed(sqlite_store: SqliteStore
     assert sum(len(job.notification_ids) for job in jobs) == 200
 
 
-async def test_ops_queued_together_share_one_commit(sqlite_store: SqliteStore) -> None:
-    gate = Gate()
+async def test_ops_queued_together_share_one_commit(
+    sqlite_store: SqliteStore, tmp_path: Path
+) -> None:
+    gate = Gate(tmp_path)
     held = await gate.hold(sqlite_store)
     before = sqlite_store.commits
     tasks = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(20)]
     await asyncio.sleep(0)  # every task reaches its await: all 20 are queued
-    gate.release.set()
+    gate.release()
     await held
     await asyncio.gather(*tasks)
     assert sqlite_store.commits - before == 2, "the gate's batch, then one for all 20"
 
 
-async def test_a_failing_op_rolls_back_alone(sqlite_store: SqliteStore) -> None:
-    def half_then_fail(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "INSERT INTO dead_letters (kind, brand, order_id, reason, last_error, attempts,"
-            " created_at) VALUES ('hydration', 'acme', 1, 'x', 'x', 1, 0)"
-        )
-        conn.execute("SELECT * FROM no_such_table")
-
-    gate = Gate()
+async def test_a_failing_op_rolls_back_alone(sqlite_store: SqliteStore, tmp_path: Path) -> None:
+    gate = Gate(tmp_path)
     held = await gate.hold(sqlite_store)
     good = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(10)]
-    bad = asyncio.create_task(sqlite_store.run("half_then_fail", half_then_fail))
+    bad = asyncio.create_task(sqlite_store.run("half_then_fail", _write_then_fail))
     more = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(10, 20)]
     await asyncio.sleep(0)
-    gate.release.set()
+    gate.release()
     await held
 
     with pytest.raises(StoreError, match="no_such_table"):
@@ -126,40 +179,34 @@ async def test_a_failing_op_rolls_back_alone(sqlite_store: SqliteStore) -> None:
 
 
 async def test_any_exception_of_an_op_leaves_as_store_error(sqlite_store: SqliteStore) -> None:
-    def overflow(conn: sqlite3.Connection) -> None:
-        conn.execute("SELECT :n", {"n": 2**70})
-
     with pytest.raises(StoreError, match="OverflowError") as info:
-        await sqlite_store.run("overflow", overflow)
+        await sqlite_store.run("overflow", _overflow)
     assert isinstance(info.value.__cause__, OverflowError)
 
-    deliberate = StoreError("the heartbeat row is missing")
-
-    def refuse(conn: sqlite3.Connection) -> None:
-        raise deliberate
-
     with pytest.raises(StoreError) as refused:
-        await sqlite_store.run("refuse", refuse)
-    assert refused.value is deliberate, "a StoreError raised on purpose passes untouched"
+        await sqlite_store.run("refuse", _refuse)
+    assert str(refused.value) == "the heartbeat row is missing", "passed untouched, not wrapped"
     await sqlite_store.ping()
 
 
-async def test_a_failed_commit_fails_every_op_of_its_batch(sqlite_store: SqliteStore) -> None:
-    def violate_at_commit(conn: sqlite3.Connection) -> None:
-        # A deferred foreign-key violation passes the statement and fails the COMMIT.
-        conn.execute("PRAGMA defer_foreign_keys = ON")
-        conn.execute(
-            "INSERT INTO deliveries (snapshot_id, sink, brand, order_id, version, status,"
-            " retry_at, created_at, updated_at, first_received_at)"
-            " VALUES (999999, 'http', 'acme', 1, 1, 'pending', 0, 0, 0, 0)"
-        )
+async def test_an_op_that_cannot_be_sent_fails_alone(sqlite_store: SqliteStore) -> None:
+    """The writer is another process: a closure cannot be sent there. Its caller gets a
+    StoreError at once; nothing reaches the writer, which carries on."""
+    with pytest.raises(StoreError, match="cannot be sent to the store writer"):
+        await sqlite_store.run("closure", lambda conn: None)
+    await sqlite_store.enqueue(notice(1))
+    assert await sqlite_store.run("count", _count_notifications) == 1
 
-    gate = Gate()
+
+async def test_a_failed_commit_fails_every_op_of_its_batch(
+    sqlite_store: SqliteStore, tmp_path: Path
+) -> None:
+    gate = Gate(tmp_path)
     held = await gate.hold(sqlite_store)
     victim = asyncio.create_task(sqlite_store.enqueue(notice(1)))
-    culprit = asyncio.create_task(sqlite_store.run("violate", violate_at_commit))
+    culprit = asyncio.create_task(sqlite_store.run("violate", _violate_at_commit))
     await asyncio.sleep(0)
-    gate.release.set()
+    gate.release()
     await held
     for task in (victim, culprit):
         with pytest.raises(StoreError, match="not committed"):
@@ -204,6 +251,7 @@ async def test_every_acknowledged_enqueue_survives_kill_9(tmp_path: Path) -> Non
         text=True,
     )
     acked: set[int] = set()
+    writers: list[int] = []
     try:
         assert child.stdout is not None
         for line in child.stdout:
@@ -211,20 +259,70 @@ async def test_every_acknowledged_enqueue_survives_kill_9(tmp_path: Path) -> Non
                 acked.add(int(line))
             if len(acked) >= 300:
                 break
+        writers = _children(child.pid)
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)
     assert len(acked) >= 300
+    assert len(writers) == 1, "the store's writer is a process of its own"
+    assert _gone(writers[0], within=5), "the writer died with the service: no orphan"
 
     store = SqliteStore(path)
     await store.open()
     try:
-        stored = await store.run(
-            "ids", lambda conn: {row[0] for row in conn.execute("SELECT id FROM notifications")}
-        )
+        stored = await store.run("ids", _ids)
     finally:
         await store.close()
     assert acked <= stored, f"lost {len(acked - stored)} acknowledged notifications"
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for tasks in Path(f"/proc/{pid}/task").glob("*/children")
+        for child in tasks.read_text().split()
+    ]
+
+
+def _gone(pid: int, *, within: float) -> bool:
+    """Whether ``pid`` has exited (a zombie counts: it runs nothing) within the time."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+async def test_a_dead_writer_fails_its_callers_and_the_store_refuses_work(
+    tmp_path: Path,
+) -> None:
+    """The writer process killed under the service: whoever waits gets a StoreError (the
+    webhook answers 503, readiness fails), never a hang; nothing new is accepted."""
+    before = set(_children(os.getpid()))
+    store = SqliteStore(tmp_path / "store.db")
+    await store.open()
+    try:
+        (writer,) = set(_children(os.getpid())) - before
+        await store.enqueue(notice(1))
+        gate = Gate(tmp_path)
+        held = await gate.hold(store)
+        waiting = asyncio.create_task(store.enqueue(notice(2)))
+        await asyncio.sleep(0.05)
+        os.kill(writer, signal.SIGKILL)
+        for task in (held, waiting):
+            with pytest.raises(StoreError, match="the store writer exited"):
+                await asyncio.wait_for(task, 10)
+        with pytest.raises(StoreError, match="closed"):
+            await store.enqueue(notice(3))
+        with pytest.raises(StoreError, match="closed"):
+            await store.ping()
+    finally:
+        await store.close()
 
 
 async def test_durability_pragmas_are_in_force(sqlite_store: SqliteStore) -> None:
@@ -301,15 +399,14 @@ async def test_prune_keeps_the_evidence_against_a_legacy_older_letter(
             await store.complete_delivery(delivery, now=at)
     assert (await store.list_dead_letters(DeadLetterFilter())).total == 0, "resolved by v2"
 
-    def legacy_letter(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "INSERT INTO dead_letters (kind, brand, order_id, sink, reason, last_error,"
-            " attempts, created_at, delivery_id, snapshot_key)"
-            " VALUES ('delivery', 'acme', 7, 'http', 'rejected', '400', 1, ?, ?, 'v1')",
-            (T0, v1.id),
-        )
-
-    await store.run("legacy_letter", legacy_letter)
+    await store.run(
+        "legacy_letter",
+        _execute,
+        "INSERT INTO dead_letters (kind, brand, order_id, sink, reason, last_error,"
+        " attempts, created_at, delivery_id, snapshot_key)"
+        " VALUES ('delivery', 'acme', 7, 'http', 'rejected', '400', 1, ?, ?, 'v1')",
+        (T0, v1.id),
+    )
     pruned = await store.prune(older_than=T0 + 10_000)
     assert pruned.deliveries == 0, "v2's delivered record is the evidence; v1 has a letter"
     (letter,) = (await store.list_dead_letters(DeadLetterFilter())).items
@@ -451,15 +548,15 @@ def _fail_before_writing(conn: sqlite3.Connection) -> None:
 
 
 async def test_an_op_without_savepoint_failing_before_any_write_fails_alone(
-    sqlite_store: SqliteStore,
+    sqlite_store: SqliteStore, tmp_path: Path
 ) -> None:
-    gate = Gate()
+    gate = Gate(tmp_path)
     held = await gate.hold(sqlite_store)
     good = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(5)]
     bad = asyncio.create_task(sqlite_store.run("fail_early", _fail_before_writing, savepoint=False))
     more = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(5, 10)]
     await asyncio.sleep(0)
-    gate.release.set()
+    gate.release()
     await held
 
     with pytest.raises(StoreError, match="no_such_table"):
@@ -470,17 +567,17 @@ async def test_an_op_without_savepoint_failing_before_any_write_fails_alone(
 
 
 async def test_an_op_without_savepoint_failing_after_a_write_fails_its_whole_batch(
-    sqlite_store: SqliteStore,
+    sqlite_store: SqliteStore, tmp_path: Path
 ) -> None:
     """Nothing can take back just its part, so nothing of its batch is committed."""
-    gate = Gate()
+    gate = Gate(tmp_path)
     held = await gate.hold(sqlite_store)
     victims = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(5)]
     culprit = asyncio.create_task(
         sqlite_store.run("write_then_fail", _write_then_fail, savepoint=False)
     )
     await asyncio.sleep(0)
-    gate.release.set()
+    gate.release()
     await held
     for task in (*victims, culprit):
         with pytest.raises(StoreError, match="not committed"):
@@ -493,17 +590,12 @@ async def test_an_op_without_savepoint_failing_after_a_write_fails_its_whole_bat
 
 
 async def test_enqueue_runs_without_a_savepoint(sqlite_store: SqliteStore) -> None:
-    statements: list[str] = []
-    await sqlite_store.run(
-        "trace", lambda conn: conn.set_trace_callback(statements.append), savepoint=False
-    )
+    await sqlite_store.run("trace", _trace_on, savepoint=False)
     try:
         await sqlite_store.enqueue(notice(1))
         await sqlite_store.enqueue(notice(1, T0 + 1))
     finally:
-        await sqlite_store.run(
-            "untrace", lambda conn: conn.set_trace_callback(None), savepoint=False
-        )
+        statements = await sqlite_store.run("untrace", _trace_off, savepoint=False)
     assert any(s.lstrip().startswith("INSERT INTO notifications") for s in statements)
     assert not [s for s in statements if "SAVEPOINT" in s.upper()], statements
 
@@ -576,24 +668,22 @@ async def test_claims_state_their_preconditions_in_sql(tmp_path: Path) -> None:
 
 
 async def test_an_enqueue_without_an_answer_in_time_is_a_store_error(
-    sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+    sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The webhook's 503 for a stalled store: the caller stops waiting at the deadline;
     the operation itself still runs when the writer gets to it, and commits."""
     monkeypatch.setattr("app.store.sqlite.ENQUEUE_TIMEOUT_SECONDS", 0.2)
-    gate = Gate()
+    gate = Gate(tmp_path)
     held = await gate.hold(sqlite_store)
     started = asyncio.get_running_loop().time()
     with pytest.raises(StoreError, match=r"enqueue: no answer within 0\.2 s"):
         await sqlite_store.enqueue(notice(1))
     assert asyncio.get_running_loop().time() - started < 5
-    gate.release.set()
+    gate.release()
     await held
     later = await sqlite_store.enqueue(notice(1, T0 + 1))
     assert later.coalesced, "the late enqueue committed: this one joined its job"
-    counted = await sqlite_store.run(
-        "count", lambda conn: conn.execute("SELECT count(*) FROM notifications").fetchone()[0]
-    )
+    counted = await sqlite_store.run("count", _count_notifications)
     assert counted == 2
 
 

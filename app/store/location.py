@@ -1,7 +1,7 @@
 """Can the SQLite store live where ``DATABASE_URL`` says? Checked before the service starts.
 
 Without this check an unusable location surfaced inside the server's start-up as a
-traceback and exit 3 (the writer thread failing to open the file). Every such case is a
+traceback and exit 3 (the store writer failing to open the file). Every such case is a
 configuration error: one line naming ``DATABASE_URL`` and the reason, exit 2. The check
 really tries (creates the directory, opens the file, creates and removes a file beside
 it for the journal), so it holds for root, read-only mounts and foreign owners alike.

@@ -1,7 +1,7 @@
 """The SQLite store: the embedded, single-process implementation of the store port.
 
-Every operation is a plain function of the connection, run on the writer thread of
-:mod:`app.store.sqlite_writer` (serially, group-committed). The semantics are the
+Every operation is a module-level function of the connection, run in the writer process
+of :mod:`app.store.sqlite_writer` (serially, group-committed). The semantics are the
 port's (:mod:`app.store.base`); the decisions (coalescing a notice, comparing a fetched
 state, lost leases, superseding, replay) are :mod:`app.store.rules`, shared with the
 PostgreSQL store; the notes here are about the bookkeeping that keeps them:
@@ -141,12 +141,13 @@ class SqliteStore:
     async def run(
         self,
         name: str,
-        fn: Callable[[Conn], T],
-        *,
+        fn: Callable[..., T],
+        *args: Any,
         savepoint: bool = True,
         within: float | None = None,
     ) -> T:
-        """Run ``fn(connection)`` on the writer thread, in the next group commit.
+        """Run ``fn(connection, *args)`` in the writer process, in the next group commit.
+        ``fn`` is a module-level function and ``args`` pickle (they are sent there).
 
         The escape hatch for SQLite-specific tooling and tests; store semantics live in
         the methods below. ``savepoint`` and ``within``: see
@@ -154,23 +155,15 @@ class SqliteStore:
         """
         if self._writer is None:
             raise StoreError(f"{name}: the store is not open")
-        return await self._writer.submit(name, fn, savepoint=savepoint, within=within)
+        return await self._writer.submit(name, fn, *args, savepoint=savepoint, within=within)
 
     async def pragmas(self) -> dict[str, Any]:
         """The connection settings in force (for diagnostics)."""
 
-        def read(conn: Conn) -> dict[str, Any]:
-            names = ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
-            return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
-
-        return await self.run("pragmas", read)
+        return await self.run("pragmas", _pragmas)
 
     async def ping(self) -> None:
-        def beat(conn: Conn) -> None:
-            if conn.execute(sql.HEARTBEAT, {"now": self._clock()}).rowcount != 1:
-                raise StoreError("ping: the heartbeat row is missing")
-
-        await self.run("ping", beat)
+        await self.run("ping", _ping, self._clock())
 
     # --- ingest -----------------------------------------------------------------------
 
@@ -179,7 +172,8 @@ class SqliteStore:
         # expected outcome after a write; it is the ingest hot path.
         return await self.run(
             "enqueue",
-            lambda conn: _enqueue(conn, notification),
+            _enqueue,
+            notification,
             savepoint=False,
             within=ENQUEUE_TIMEOUT_SECONDS,
         )
@@ -188,7 +182,7 @@ class SqliteStore:
         if not notifications:
             return []
         notices = list(notifications)
-        return await self.run("enqueue_many", lambda conn: [_enqueue(conn, n) for n in notices])
+        return await self.run("enqueue_many", _enqueue_many, notices)
 
     async def watch_work(self, wake: Callable[[WorkKind], None]) -> None:
         # One process per file: whoever adds work wakes the workers of this process
@@ -209,25 +203,18 @@ class SqliteStore:
         if limit <= 0:
             return []
         lease = Lease(now, lease_seconds, max_lost_leases)
-        return await self.run(
-            "claim_hydrations",
-            lambda conn: _claim_hydrations(conn, limit, lease, exclude_brands),
-        )
+        return await self.run("claim_hydrations", _claim_hydrations, limit, lease, exclude_brands)
 
     async def extend_hydration_lease(
         self, job: HydrationJob, *, now: float, lease_seconds: float
     ) -> bool:
         params = {"id": job.id, "lease_token": job.lease_token, "lease_until": now + lease_seconds}
-        return await self.run(
-            "extend_hydration_lease", lambda conn: _changed(conn, sql.EXTEND_JOB_LEASE, params)
-        )
+        return await self.run("extend_hydration_lease", _changed, sql.EXTEND_JOB_LEASE, params)
 
     async def complete_hydration(
         self, job: HydrationJob, snapshot: NewSnapshot, sinks: list[str], *, now: float
     ) -> CompleteResult:
-        return await self.run(
-            "complete_hydration", lambda conn: _complete_hydration(conn, job, snapshot, sinks, now)
-        )
+        return await self.run("complete_hydration", _complete_hydration, job, snapshot, sinks, now)
 
     async def retry_hydration(
         self,
@@ -248,20 +235,22 @@ class SqliteStore:
             "add_not_found": int(not_found),
             "now": self._clock(),
         }
-        return await self.run("retry_hydration", lambda conn: _changed(conn, sql.RETRY_JOB, params))
+        return await self.run("retry_hydration", _changed, sql.RETRY_JOB, params)
 
     async def release_hydration(self, job: HydrationJob) -> bool:
         params = {"id": job.id, "lease_token": job.lease_token, "now": self._clock()}
-        return await self.run(
-            "release_hydration", lambda conn: _changed(conn, sql.RELEASE_JOB, params)
-        )
+        return await self.run("release_hydration", _changed, sql.RELEASE_JOB, params)
 
     async def dead_letter_hydration(
         self, job: HydrationJob, *, reason: str, error: str, now: float
     ) -> bool:
         return await self.run(
             "dead_letter_hydration",
-            lambda conn: _dead_letter_hydration(conn, job, reason, error, now),
+            _dead_letter_hydration,
+            job,
+            reason,
+            error,
+            now,
         )
 
     # --- delivery queue -------------------------------------------------------------------
@@ -278,9 +267,7 @@ class SqliteStore:
         if limit <= 0:
             return []
         lease = Lease(now, lease_seconds, max_lost_leases)
-        return await self.run(
-            "claim_deliveries", lambda conn: _claim_deliveries(conn, sink, limit, lease)
-        )
+        return await self.run("claim_deliveries", _claim_deliveries, sink, limit, lease)
 
     async def extend_delivery_lease(
         self, delivery: Delivery, *, now: float, lease_seconds: float
@@ -292,12 +279,14 @@ class SqliteStore:
         }
         return await self.run(
             "extend_delivery_lease",
-            lambda conn: _changed(conn, sql.EXTEND_DELIVERY_LEASE, params),
+            _changed,
+            sql.EXTEND_DELIVERY_LEASE,
+            params,
         )
 
     async def complete_delivery(self, delivery: Delivery, *, now: float) -> bool:
         params = {"id": delivery.id, "lease_token": delivery.lease_token, "now": now}
-        return await self.run("complete_delivery", lambda conn: _complete_delivery(conn, params))
+        return await self.run("complete_delivery", _complete_delivery, params)
 
     async def retry_delivery(
         self, delivery: Delivery, *, retry_at: float, error: str, count_attempt: bool = True
@@ -310,22 +299,22 @@ class SqliteStore:
             "add_attempt": int(count_attempt),
             "now": self._clock(),
         }
-        return await self.run(
-            "retry_delivery", lambda conn: _changed(conn, sql.RETRY_DELIVERY, params)
-        )
+        return await self.run("retry_delivery", _changed, sql.RETRY_DELIVERY, params)
 
     async def release_delivery(self, delivery: Delivery) -> bool:
         params = {"id": delivery.id, "lease_token": delivery.lease_token, "now": self._clock()}
-        return await self.run(
-            "release_delivery", lambda conn: _changed(conn, sql.RELEASE_DELIVERY, params)
-        )
+        return await self.run("release_delivery", _changed, sql.RELEASE_DELIVERY, params)
 
     async def dead_letter_delivery(
         self, delivery: Delivery, *, reason: str, error: str, now: float
     ) -> bool:
         return await self.run(
             "dead_letter_delivery",
-            lambda conn: _dead_letter_delivery(conn, delivery, reason, error, now),
+            _dead_letter_delivery,
+            delivery,
+            reason,
+            error,
+            now,
         )
 
     # --- dead letters -----------------------------------------------------------------------
@@ -333,53 +322,33 @@ class SqliteStore:
     async def list_dead_letters(
         self, filt: DeadLetterFilter, *, limit: int = 50, after_id: int | None = None
     ) -> DeadLetterPage:
-        return await self.run(
-            "list_dead_letters", lambda conn: _list_dead_letters(conn, filt, limit, after_id)
-        )
+        return await self.run("list_dead_letters", _list_dead_letters, filt, limit, after_id)
 
     async def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
-        def get(conn: Conn) -> DeadLetter | None:
-            row = conn.execute(sql.GET_DEAD_LETTER, {"id": dead_letter_id}).fetchone()
-            return None if row is None else _dead_letter(row)
-
-        return await self.run("get_dead_letter", get)
+        return await self.run("get_dead_letter", _get_dead_letter, dead_letter_id)
 
     async def replay_dead_letter(
         self, dead_letter_id: int, *, mode: ReplayMode = "auto", now: float
     ) -> bool:
-        def replay(conn: Conn) -> bool:
-            row = conn.execute(sql.GET_DEAD_LETTER, {"id": dead_letter_id}).fetchone()
-            if row is None:
-                return False
-            _replay(conn, row, mode, now)
-            return True
-
-        return await self.run("replay_dead_letter", replay)
+        return await self.run("replay_dead_letter", _replay_dead_letter, dead_letter_id, mode, now)
 
     async def replay_dead_letters(
         self, filt: DeadLetterFilter, *, mode: ReplayMode = "auto", now: float, limit: int = 1000
     ) -> int:
-        def replay_many(conn: Conn) -> int:
-            params = {**_filter_params(filt), "limit": max(limit, 0)}
-            ids = [row["id"] for row in conn.execute(sql.DEAD_LETTER_IDS, params)]
-            for letter_id in ids:
-                row = conn.execute(sql.GET_DEAD_LETTER, {"id": letter_id}).fetchone()
-                _replay(conn, row, mode, now)
-            return len(ids)
-
-        return await self.run("replay_dead_letters", replay_many)
+        params = {**_filter_params(filt), "limit": max(limit, 0)}
+        return await self.run("replay_dead_letters", _replay_dead_letters, params, mode, now)
 
     async def purge_dead_letter(self, dead_letter_id: int) -> bool:
         return await self.run(
             "purge_dead_letter",
-            lambda conn: _changed(conn, sql.DELETE_DEAD_LETTER, {"id": dead_letter_id}),
+            _changed,
+            sql.DELETE_DEAD_LETTER,
+            {"id": dead_letter_id},
         )
 
     async def purge_dead_letters(self, filt: DeadLetterFilter) -> int:
         params = _filter_params(filt)
-        return await self.run(
-            "purge_dead_letters", lambda conn: conn.execute(sql.PURGE_DEAD_LETTERS, params).rowcount
-        )
+        return await self.run("purge_dead_letters", _rowcount, sql.PURGE_DEAD_LETTERS, params)
 
     # --- upkeep and observation -------------------------------------------------------------
 
@@ -396,39 +365,27 @@ class SqliteStore:
         params = {"cutoff": older_than, "chunk": PRUNE_CHUNK}
         for name, statement in steps:
             while True:
-                deleted = await self.run(f"prune_{name}", _deleter(statement, params))
+                deleted = await self.run(f"prune_{name}", _rowcount, statement, params)
                 counts[name] += deleted
                 if deleted < PRUNE_CHUNK:
                     break
         return PruneResult(**counts)
 
     async def stats(self, *, now: float) -> StoreStats:
-        return await self.run("stats", lambda conn: _stats(conn, now))
+        return await self.run("stats", _stats, now)
 
     async def latest_snapshot_body(self, brand: str, order_id: int) -> bytes | None:
-        def latest(conn: Conn) -> bytes | None:
-            params = {"brand": brand, "order_id": order_id}
-            row = conn.execute(sql.LATEST_SNAPSHOT_BODY, params).fetchone()
-            return None if row is None else bytes(row["body"])
-
-        return await self.run("latest_snapshot_body", latest)
+        params = {"brand": brand, "order_id": order_id}
+        return await self.run("latest_snapshot_body", _latest_snapshot_body, params)
 
     # --- reconciliation poller ---------------------------------------------------------------
 
     async def get_poll_watermark(self, brand: str) -> float | None:
-        def get(conn: Conn) -> float | None:
-            row = conn.execute(sql.GET_POLL_WATERMARK, {"brand": brand}).fetchone()
-            return None if row is None else float(row["updated_at"])
-
-        return await self.run("get_poll_watermark", get)
+        return await self.run("get_poll_watermark", _get_poll_watermark, brand)
 
     async def set_poll_watermark(self, brand: str, updated_at: float, *, now: float) -> float:
         params = {"brand": brand, "updated_at": updated_at, "now": now}
-
-        def advance(conn: Conn) -> float:
-            return float(conn.execute(sql.SET_POLL_WATERMARK, params).fetchone()["updated_at"])
-
-        return await self.run("set_poll_watermark", advance)
+        return await self.run("set_poll_watermark", _set_poll_watermark, params)
 
     async def record_budget_spend(self, tenant: str, *, at: float, limit: int) -> None:
         params = {
@@ -437,23 +394,10 @@ class SqliteStore:
             "limit": limit,
             "before": at - BUDGET_SPEND_KEEP_SECONDS,
         }
-
-        def record(conn: Conn) -> None:
-            conn.execute(sql.FORGET_BUDGET_SPEND, params)
-            conn.execute(sql.RECORD_BUDGET_SPEND, params)
-
-        await self.run("record_budget_spend", record)
+        await self.run("record_budget_spend", _record_budget_spend, params)
 
     async def budget_spend_since(self, since: float) -> dict[str, TenantSpend]:
-        def read(conn: Conn) -> dict[str, TenantSpend]:
-            times: dict[str, list[float]] = {}
-            limits: dict[str, int] = {}
-            for row in conn.execute(sql.BUDGET_SPEND_SINCE, {"since": since}):
-                times.setdefault(row["tenant"], []).append(float(row["at"]))
-                limits[row["tenant"]] = int(row["limit_per_minute"])  # the newest wins
-            return {t: TenantSpend(tuple(at), limits[t]) for t, at in times.items()}
-
-        return await self.run("budget_spend_since", read)
+        return await self.run("budget_spend_since", _budget_spend_since, since)
 
     async def lead_poller(self, brand: str) -> PollerLead:
         # One process per file (an OS lock enforces it): this one polls every brand.
@@ -473,15 +417,17 @@ class SqliteStore:
             return []
         return await self.run(
             "apply_listed",
-            lambda conn: sqlite_listed.apply_listed(
-                conn, brand, states, sinks, read_at, now, notified_only
-            ),
+            sqlite_listed.apply_listed,
+            brand,
+            list(states),
+            sinks,
+            read_at,
+            now,
+            notified_only,
         )
 
     async def due_by_venue(self, brand: str, *, now: float) -> list[VenueBacklog]:
-        return await self.run(
-            "due_by_venue", lambda conn: sqlite_listed.due_by_venue(conn, brand, now)
-        )
+        return await self.run("due_by_venue", sqlite_listed.due_by_venue, brand, now)
 
     async def known_states(self, brand: str, order_ids: Sequence[int]) -> dict[int, KnownState]:
         if not order_ids:
@@ -489,18 +435,10 @@ class SqliteStore:
         known = dict.fromkeys(order_ids, KnownState())
         # Bound as one JSON list: one statement whatever the page size, no SQL built here.
         params = {"brand": brand, "ids": json.dumps([int(i) for i in known])}
-
-        def read(conn: Conn) -> dict[int, KnownState]:
-            for row in conn.execute(sql.KNOWN_STATES, params):
-                known[row["order_id"]] = KnownState(
-                    row["last_snapshot_key"], row["last_updated_at"]
-                )
-            return known
-
-        return await self.run("known_states", read)
+        return await self.run("known_states", _known_states, params, known)
 
 
-# --- operations (run on the writer thread) --------------------------------------------------
+# --- operations (run in the writer process) --------------------------------------------------
 
 
 def _void_orphaned_leases(conn: Conn) -> int:
@@ -509,12 +447,80 @@ def _void_orphaned_leases(conn: Conn) -> int:
     return int(jobs + deliveries)
 
 
-def _deleter(statement: str, params: dict[str, Any]) -> Callable[[Conn], int]:
-    def delete(conn: Conn) -> int:
-        rowcount: int = conn.execute(statement, params).rowcount
-        return rowcount
+def _pragmas(conn: Conn) -> dict[str, Any]:
+    names = ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+    return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
 
-    return delete
+
+def _ping(conn: Conn, now: float) -> None:
+    if conn.execute(sql.HEARTBEAT, {"now": now}).rowcount != 1:
+        raise StoreError("ping: the heartbeat row is missing")
+
+
+def _rowcount(conn: Conn, statement: str, params: dict[str, Any]) -> int:
+    rowcount: int = conn.execute(statement, params).rowcount
+    return rowcount
+
+
+def _enqueue_many(conn: Conn, notices: list[Notification]) -> list[EnqueueResult]:
+    return [_enqueue(conn, notice) for notice in notices]
+
+
+def _get_dead_letter(conn: Conn, dead_letter_id: int) -> DeadLetter | None:
+    row = conn.execute(sql.GET_DEAD_LETTER, {"id": dead_letter_id}).fetchone()
+    return None if row is None else _dead_letter(row)
+
+
+def _replay_dead_letter(conn: Conn, dead_letter_id: int, mode: ReplayMode, now: float) -> bool:
+    row = conn.execute(sql.GET_DEAD_LETTER, {"id": dead_letter_id}).fetchone()
+    if row is None:
+        return False
+    _replay(conn, row, mode, now)
+    return True
+
+
+def _replay_dead_letters(conn: Conn, params: dict[str, Any], mode: ReplayMode, now: float) -> int:
+    ids = [row["id"] for row in conn.execute(sql.DEAD_LETTER_IDS, params)]
+    for letter_id in ids:
+        row = conn.execute(sql.GET_DEAD_LETTER, {"id": letter_id}).fetchone()
+        _replay(conn, row, mode, now)
+    return len(ids)
+
+
+def _latest_snapshot_body(conn: Conn, params: dict[str, Any]) -> bytes | None:
+    row = conn.execute(sql.LATEST_SNAPSHOT_BODY, params).fetchone()
+    return None if row is None else bytes(row["body"])
+
+
+def _get_poll_watermark(conn: Conn, brand: str) -> float | None:
+    row = conn.execute(sql.GET_POLL_WATERMARK, {"brand": brand}).fetchone()
+    return None if row is None else float(row["updated_at"])
+
+
+def _set_poll_watermark(conn: Conn, params: dict[str, Any]) -> float:
+    return float(conn.execute(sql.SET_POLL_WATERMARK, params).fetchone()["updated_at"])
+
+
+def _record_budget_spend(conn: Conn, params: dict[str, Any]) -> None:
+    conn.execute(sql.FORGET_BUDGET_SPEND, params)
+    conn.execute(sql.RECORD_BUDGET_SPEND, params)
+
+
+def _budget_spend_since(conn: Conn, since: float) -> dict[str, TenantSpend]:
+    times: dict[str, list[float]] = {}
+    limits: dict[str, int] = {}
+    for row in conn.execute(sql.BUDGET_SPEND_SINCE, {"since": since}):
+        times.setdefault(row["tenant"], []).append(float(row["at"]))
+        limits[row["tenant"]] = int(row["limit_per_minute"])  # the newest wins
+    return {t: TenantSpend(tuple(at), limits[t]) for t, at in times.items()}
+
+
+def _known_states(
+    conn: Conn, params: dict[str, Any], known: dict[int, KnownState]
+) -> dict[int, KnownState]:
+    for row in conn.execute(sql.KNOWN_STATES, params):
+        known[row["order_id"]] = KnownState(row["last_snapshot_key"], row["last_updated_at"])
+    return known
 
 
 def _changed(conn: Conn, statement: str, params: dict[str, Any]) -> bool:

@@ -1,6 +1,6 @@
 """SQLite: applying a list page's states (the store side of app/list_hydration.py).
 
-Run on the writer thread, one call per transaction (a chunk of a page:
+Run in the writer process, one call per transaction (a chunk of a page:
 ``app.list_hydration.APPLY_CHUNK`` orders). The decision is the pure
 :func:`app.store.listed.judge_listed`; this module reads what it needs, and writes the
 outcome the way a completed fetch is written (app/store/sqlite.py): the next version,

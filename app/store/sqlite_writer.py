@@ -1,13 +1,23 @@
-"""One thread owns the SQLite connection; coroutines hand it work and await the commit.
+"""The SQLite writer: one child process owns the connection; coroutines hand it work
+and await the commit.
 
-Why one thread: SQLite allows one writer at a time, and ``sqlite3`` blocks. Serialising
-every operation (reads too) on a dedicated thread keeps the event loop free and makes
-the store trivially correct: no two operations ever interleave.
+Why one writer: SQLite allows one writer at a time, and ``sqlite3`` blocks. Serialising
+every operation (reads too) on one connection keeps the event loop free and makes the
+store trivially correct: no two operations ever interleave.
 
-Group commit: the thread drains whatever is queued (up to ``batch_limit`` operations),
-runs the batch in ONE transaction with each operation in its own SAVEPOINT, COMMITs
-once, and only then resolves the callers' futures. So a caller's ``await`` returns
-only when its data is durable, and a burst of N writes costs one fsync, not N.
+Why a process, not a thread: the writer's Python (binding parameters, reading rows,
+the savepoints) and every return from SQLite's C code need the GIL, so a writer thread
+took it from the event loop thousands of times a second. In a process of its own the
+writer runs on the other core: the same webhook load cost the service's event loop
+half the CPU, and ingest went from 0.62x to 0.87x the bare endpoint's throughput
+(docs/performance.md, step 14). The price: an operation must be picklable, a
+module-level function ``fn(conn, *args)`` with picklable arguments and result, and a
+round trip over a socket (about what the thread hop cost the loop).
+
+Group commit: the writer takes whatever has arrived (up to ``batch_limit``
+operations), runs the batch in ONE transaction with each operation in its own
+SAVEPOINT, COMMITs once, and only then answers. So a caller's ``await`` returns only
+when its data is durable, and a burst of N writes costs one fsync, not N.
 
 * An operation that raises is rolled back to its savepoint and fails alone: its caller
   gets a :class:`~app.errors.StoreError` (whatever was raised, ``sqlite3.Error`` or
@@ -21,6 +31,10 @@ only when its data is durable, and a burst of N writes costs one fsync, not N.
   savepoint. If it raises before any of its writes completed, SQLite has already undone
   the failing statement, so it still fails alone; if it raises after a write, nothing
   can take back just its part, so the whole batch is rolled back as above.
+* The writer process dies with its parent (``PR_SET_PDEATHSIG``): after a kill -9 of the
+  service, no orphan goes on writing to the file the next service opens. SQLite's WAL
+  undoes a transaction the kill interrupted. If the writer dies first, every waiting
+  caller gets a StoreError and the store refuses new work (``store.writer_crashed``).
 
 The connection runs with ``journal_mode=WAL`` and ``synchronous=FULL``: a commit
 survives a process kill and a power loss.
@@ -29,25 +43,33 @@ survives a process kill and a power loss.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import queue
+import itertools
+import logging
+import os
+import pickle
+import socket
 import sqlite3
-import threading
+import struct
+import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar, cast
+
+import structlog
 
 from app.errors import StoreError
 from app.logs import get_logger
 from app.store import sql
 
 T = TypeVar("T")
-Operation = Callable[[sqlite3.Connection], T]
+# fn(conn, *args): a module-level function, so that it pickles by reference.
+Operation = Callable[..., T]
 
-log = get_logger("app.store.sqlite")
+log_name = "app.store.sqlite"
+log = get_logger(log_name)
 
 BUSY_TIMEOUT_MS = 5000
 PRAGMAS = (
@@ -55,81 +77,6 @@ PRAGMAS = (
     "PRAGMA synchronous = FULL",
     "PRAGMA foreign_keys = ON",
 )
-
-
-@dataclass
-class _Op:
-    name: str
-    fn: Callable[[sqlite3.Connection], Any]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
-    savepoint: bool = True
-
-
-@dataclass
-class _Stop:
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[None]
-
-
-class _BatchAborted(Exception):
-    """The savepoint machinery itself failed: the transaction can no longer be trusted."""
-
-
-def _settle(
-    loop: asyncio.AbstractEventLoop,
-    future: asyncio.Future[Any],
-    result: Any = None,
-    error: BaseException | None = None,
-) -> None:
-    """Resolve ``future`` on its own loop, from the writer thread."""
-
-    def apply() -> None:
-        if future.done():  # the caller was cancelled; the outcome stands regardless
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    # RuntimeError: that loop is closed, so nobody is waiting for this answer any more.
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(apply)
-
-
-def _expire(future: asyncio.Future[Any], name: str, within: float) -> None:
-    if not future.done():
-        future.set_exception(StoreError(f"{name}: no answer within {within:g} s"))
-
-
-def _settle_all(outcomes: list[tuple[_Op, Any, BaseException | None]]) -> None:
-    """Resolve a whole batch's futures with one wake-up per event loop, not one per
-    operation: each ``call_soon_threadsafe`` writes to the loop's self-pipe (a syscall
-    on this thread and a wake-up on the loop's), which under load cost more than the
-    operations themselves (docs/benchmarks.md)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, Any, BaseException | None]]] = {}
-    for outcome in outcomes:
-        by_loop.setdefault(outcome[0].loop, []).append(outcome)
-
-    def apply(group: list[tuple[_Op, Any, BaseException | None]]) -> None:
-        for op, result, error in group:
-            if op.future.done():  # the caller was cancelled; the outcome stands regardless
-                continue
-            if error is not None:
-                op.future.set_exception(error)
-            else:
-                op.future.set_result(result)
-
-    for loop, group in by_loop.items():
-        # RuntimeError: that loop is closed, so nobody is waiting for these answers any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(apply, group)
-
-
-def _store_error(message: str, cause: BaseException) -> StoreError:
-    error = StoreError(message)
-    error.__cause__ = cause
-    return error
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -177,7 +124,8 @@ def migration_scripts() -> list[tuple[str, str]]:
 
 
 def migrate(conn: sqlite3.Connection, clock: Callable[[], float] = time.time) -> list[str]:
-    """Apply the migrations not yet recorded in ``schema_migrations``; each one atomically."""
+    """Apply the migrations not yet recorded in ``schema_migrations``; each one atomically.
+    Returns their names (the writer's parent process logs them)."""
     conn.execute(sql.CREATE_SCHEMA_MIGRATIONS)
     applied: list[str] = []
     for name, script in migration_scripts():
@@ -194,15 +142,237 @@ def migrate(conn: sqlite3.Connection, clock: Callable[[], float] = time.time) ->
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-    for name in applied:
-        log.info("store.migration.applied", version=name)
     return applied
 
 
-class GroupCommitWriter:
-    """The writer thread and its queue. ``commits`` counts committed transactions.
+# --- the wire between the service and its writer process ---------------------------------
 
-    Single use: started once, stopped once (a store that reopens makes a new one).
+_FRAME = struct.Struct("!I")  # each message: its length, then its pickle
+
+
+def frame(message: Any) -> bytes:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _FRAME.pack(len(data)) + data
+
+
+def unframe(buffer: bytearray) -> Iterator[Any]:
+    """Take every complete message off the front of ``buffer``."""
+    while len(buffer) >= _FRAME.size:
+        (size,) = _FRAME.unpack_from(buffer)
+        end = _FRAME.size + size
+        if len(buffer) < end:
+            return
+        # Only this service and its own writer hold the two ends of the socketpair.
+        message = pickle.loads(memoryview(buffer)[_FRAME.size : end])  # noqa: S301
+        del buffer[:end]
+        yield message
+
+
+@dataclass(frozen=True)
+class Request:
+    """One operation, as sent to the writer."""
+
+    key: int
+    name: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    savepoint: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one request: its result, or its error (with the error's cause
+    when that pickles: ``__cause__`` itself does not cross a pickle)."""
+
+    key: int
+    result: Any = None
+    error: StoreError | None = None
+    cause: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Note:
+    """A log line of the writer process, written by the service (one log configuration,
+    one stream, the same redaction)."""
+
+    level: str  # "info", "warning", "error"
+    event: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    logger: str = log_name
+
+
+_PLAIN = (str, int, float, bool, type(None))
+# What the operations of this batch logged (in the writer process; see capture_logs).
+_captured: list[Note] = []
+
+
+def capture_logs() -> None:
+    """In the writer process: whatever an operation logs (``log.warning(...)`` as
+    anywhere else) is kept as a :class:`Note` and sent back with its batch."""
+
+    def capture(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        event = str(event_dict.pop("event", ""))
+        name = getattr(logger, "name", log_name)
+        fields = {k: v if isinstance(v, _PLAIN) else repr(v) for k, v in event_dict.items()}
+        _captured.append(Note(method, event, fields, name))
+        raise structlog.DropEvent
+
+    logging.getLogger().setLevel(logging.DEBUG)  # the service applies LOG_LEVEL
+    structlog.configure(
+        processors=[capture],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+def _taken_notes() -> list[Note]:
+    notes = list(_captured)
+    _captured.clear()
+    return notes
+
+
+@dataclass(frozen=True)
+class Ready:
+    migrations: list[str]
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    committed: bool
+    outcomes: list[Outcome]
+    notes: list[Note]
+
+
+# --- the writer's side: one batch, one transaction ------------------------------------------
+
+
+class _BatchAborted(Exception):
+    """The savepoint machinery itself failed: the transaction can no longer be trusted."""
+
+
+def _store_error(message: str, cause: BaseException) -> StoreError:
+    error = StoreError(message)
+    error.__cause__ = cause
+    return error
+
+
+def run_batch(conn: sqlite3.Connection, requests: list[Request]) -> Batch:
+    """Run ``requests`` in one transaction (in the writer process)."""
+    notes: list[Note] = []
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        outcomes = [_run_one(conn, request, notes) for request in requests]
+        conn.execute("COMMIT")
+    except (sqlite3.Error, _BatchAborted) as exc:
+        return _abort(conn, requests, exc, notes)
+    return Batch(True, outcomes, _taken_notes() + notes)
+
+
+def _run_one(conn: sqlite3.Connection, request: Request, notes: list[Note]) -> Outcome:
+    if request.savepoint:
+        try:
+            conn.execute("SAVEPOINT op")
+        except sqlite3.Error as exc:
+            raise _BatchAborted(f"savepoint: {exc}") from exc
+    changes = conn.total_changes  # counts completed writes only, not a failed statement
+    try:
+        result = request.fn(conn, *request.args)
+    # The writer must outlive a bug or a bad argument in one operation: that caller
+    # alone gets the error, and as a StoreError (only StoreError leaves the store).
+    except Exception as exc:
+        if request.savepoint:
+            _rollback_savepoint(conn)
+        elif conn.total_changes != changes or not conn.in_transaction:
+            raise _BatchAborted(f"{request.name} failed after writing: {exc!r}") from exc
+        return _failed(request, exc, notes)
+    if request.savepoint:
+        try:
+            conn.execute("RELEASE op")
+        except sqlite3.Error as exc:
+            raise _BatchAborted(f"release: {exc}") from exc
+    return Outcome(request.key, result)
+
+
+def _failed(request: Request, exc: Exception, notes: list[Note]) -> Outcome:
+    if isinstance(exc, StoreError):  # raised on purpose by the operation: already ours
+        notes.append(Note("warning", "store.op_failed", {"op": request.name, "error": str(exc)}))
+        return Outcome(request.key, error=exc)
+    if isinstance(exc, sqlite3.Error):
+        notes.append(Note("warning", "store.op_failed", {"op": request.name, "error": str(exc)}))
+        return Outcome(request.key, error=StoreError(f"{request.name}: {exc}"), cause=_plain(exc))
+    notes.append(Note("error", "store.op_crashed", {"op": request.name, "error": repr(exc)}))
+    error = StoreError(f"{request.name}: {type(exc).__name__}: {exc}")
+    return Outcome(request.key, error=error, cause=_plain(exc))
+
+
+def sendable(batch: Batch) -> Batch:
+    """``batch`` with every result that cannot be pickled replaced by its caller's
+    StoreError: one operation's bug must not take the writer down."""
+    outcomes = []
+    for outcome in batch.outcomes:
+        try:
+            pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - pickling can raise almost anything
+            error = StoreError(f"result #{outcome.key} cannot be sent back: {exc}")
+            outcome = Outcome(outcome.key, error=error)
+        outcomes.append(outcome)
+    return Batch(batch.committed, outcomes, batch.notes)
+
+
+def _plain(exc: BaseException) -> BaseException | None:
+    """``exc`` if it survives a pickle (most built-in and sqlite3 errors do)."""
+    try:
+        pickle.loads(pickle.dumps(exc))  # noqa: S301 - our own bytes, just made
+    except Exception:  # noqa: BLE001 - any exception type may refuse to pickle
+        return None
+    return exc
+
+
+def _rollback_savepoint(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK TO op")
+        conn.execute("RELEASE op")
+    except sqlite3.Error as exc:
+        raise _BatchAborted(f"rollback to savepoint: {exc}") from exc
+
+
+def _abort(
+    conn: sqlite3.Connection, requests: list[Request], exc: BaseException, notes: list[Note]
+) -> Batch:
+    notes.append(Note("error", "store.batch_failed", {"ops": len(requests), "error": str(exc)}))
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as rollback_exc:
+            notes.append(Note("error", "store.rollback_failed", {"error": str(rollback_exc)}))
+    outcomes = [
+        Outcome(r.key, error=StoreError(f"{r.name}: not committed: {exc}"), cause=_plain(exc))
+        for r in requests
+    ]
+    # What the operations logged stands: it happened, even if it was not committed.
+    return Batch(False, outcomes, _taken_notes() + notes)
+
+
+# --- the service's side ---------------------------------------------------------------------
+
+
+def _expire(future: asyncio.Future[Any], name: str, within: float) -> None:
+    if not future.done():
+        future.set_exception(StoreError(f"{name}: no answer within {within:g} s"))
+
+
+class GroupCommitWriter:
+    """The writer process, and the futures of the operations sent to it. ``commits``
+    counts committed transactions.
+
+    Single use: started once, stopped once (a store that reopens makes a new one). Bound
+    to the event loop that started it.
     """
 
     def __init__(self, path: Path, *, batch_limit: int = 256) -> None:
@@ -211,56 +381,92 @@ class GroupCommitWriter:
         self.path = path
         self.batch_limit = batch_limit
         self.commits = 0
-        self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_Op | _Stop] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._keys = itertools.count(1)
+        self._waiting: dict[int, tuple[str, asyncio.Future[Any]]] = {}
+        self._outbox: list[bytes] = []
         self._accepting = False
         self._started = False
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._transport: asyncio.Transport | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._gone: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
-        """Start the thread; returns once the database is open and migrated."""
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            if self._started:
-                raise StoreError("the store writer was already started")
-            self._started = True
-            self._accepting = True
-            # A daemon thread: a process that dies without close() must still exit;
-            # SQLite's journal makes an interrupted transaction harmless.
-            self._thread = threading.Thread(
-                target=self._main, args=(loop, ready), name="store-writer", daemon=True
+        """Start the writer process; returns once the database is open and migrated."""
+        if self._started:
+            raise StoreError("the store writer was already started")
+        self._started = True
+        loop = self._loop = asyncio.get_running_loop()
+        self._ready, self._gone = loop.create_future(), loop.create_future()
+        ours, theirs = socket.socketpair()
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *_writer_command(self.path, theirs.fileno(), self.batch_limit),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                env=_writer_env(),
             )
-            self._thread.start()
-        await ready
+        except OSError as exc:
+            ours.close()
+            raise _store_error(f"{self.path}: cannot start the store writer: {exc}", exc) from exc
+        finally:
+            theirs.close()
+        self._transport, _ = await loop.create_connection(lambda: _Channel(self), sock=ours)
+        try:
+            await self._ready
+        except BaseException:
+            await self._reap()
+            raise
+        self._accepting = True
 
     async def stop(self) -> None:
-        """Refuse new work, finish what is queued, close the connection."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            if not self._accepting:
-                return
-            self._accepting = False
-            self._queue.put(_Stop(loop, done))
-        await done
+        """Refuse new work, let the writer finish what was sent, wait for it to exit."""
+        if self._transport is None or self._stopping:
+            return
+        self._accepting = False
+        self._stopping = True
+        self._flush()
+        if self._transport.can_write_eof() and not self._transport.is_closing():
+            self._transport.write_eof()  # the writer runs what it has, then exits
+        await self._reap()
+
+    async def _reap(self) -> None:
+        assert self._gone is not None
+        assert self._process is not None
+        await asyncio.shield(self._gone)
+        await self._process.wait()
 
     async def submit(
-        self, name: str, fn: Operation[T], *, savepoint: bool = True, within: float | None = None
+        self,
+        name: str,
+        fn: Operation[T],
+        *args: Any,
+        savepoint: bool = True,
+        within: float | None = None,
     ) -> T:
-        """Run ``fn(connection)`` in the next batch; return once that batch committed.
+        """Run ``fn(connection, *args)`` in the next batch; return once that batch
+        committed.
 
         ``savepoint=False``: see the module docstring (for an operation whose failure
         after a write is not an expected outcome). ``within``: seconds after which the
         caller gets a StoreError instead of waiting on; the operation itself still runs
         (and may commit) when its turn comes.
         """
-        loop = asyncio.get_running_loop()
+        if not self._accepting or self._loop is None:
+            raise StoreError(f"{name}: the store is closed")
+        key = next(self._keys)
+        try:
+            message = frame(Request(key, name, fn, args, savepoint))
+        except Exception as exc:  # pickling can raise almost anything
+            raise _store_error(f"{name}: cannot be sent to the store writer: {exc}", exc) from exc
+        loop = self._loop
         future: asyncio.Future[Any] = loop.create_future()
-        with self._lock:
-            if not self._accepting:
-                raise StoreError(f"{name}: the store is closed")
-            self._queue.put(_Op(name, fn, loop, future, savepoint))
+        self._waiting[key] = (name, future)
+        if not self._outbox:  # one write per loop iteration, whatever was submitted in it
+            loop.call_soon(self._flush)
+        self._outbox.append(message)
         if within is None:
             return cast(T, await future)
         # A timer on the future rather than asyncio.timeout(): that one's task
@@ -271,142 +477,93 @@ class GroupCommitWriter:
         finally:
             expiry.cancel()
 
-    # --- the thread -------------------------------------------------------------------
+    def _flush(self) -> None:
+        if self._outbox and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(self._outbox))
+        self._outbox = []
 
-    def _main(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
-        try:
-            conn = self._open()
-        # Whatever stops the opening must reach open()'s caller, who otherwise waits forever.
-        except Exception as exc:  # noqa: BLE001
-            self._refuse()
-            error = exc if isinstance(exc, StoreError) else None
-            _settle(loop, ready, error=error or _store_error(f"{self.path}: {exc}", exc))
-            self._fail_queued(f"cannot open {self.path}")
-            return
-        _settle(loop, ready)
-        stop: _Stop | None = None
-        try:
-            while stop is None:
-                batch, stop = self._take()
-                if batch:
-                    self._run_batch(conn, batch)
-        except BaseException as exc:
-            log.critical("store.writer_crashed", error=repr(exc))
-            raise
-        finally:
-            self._refuse()
-            try:
-                conn.close()
-            except sqlite3.Error as exc:
-                log.warning("store.close_failed", error=str(exc))
-            self._fail_queued("the store is closed")
-            if stop is not None:
-                _settle(stop.loop, stop.future)
+    # --- called by the channel ----------------------------------------------------------
 
-    def _open(self) -> sqlite3.Connection:
-        conn = connect(self.path)
-        try:
-            migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+    def _received(self, message: Any) -> None:
+        if isinstance(message, Batch):
+            self._answer(message)
+        elif isinstance(message, Ready):
+            for version in message.migrations:
+                log.info("store.migration.applied", version=version)
+            _resolve(self._ready)
+        elif isinstance(message, Failed):
+            _resolve(self._ready, StoreError(message.message))
 
-    def _refuse(self) -> None:
-        with self._lock:
-            self._accepting = False
-
-    def _take(self) -> tuple[list[_Op], _Stop | None]:
-        """Block for one item, then drain without blocking up to the batch limit."""
-        items = [self._queue.get()]
-        while len(items) < self.batch_limit and not isinstance(items[-1], _Stop):
-            try:
-                items.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        ops = [item for item in items if isinstance(item, _Op)]
-        stops = [item for item in items if isinstance(item, _Stop)]
-        return ops, (stops[0] if stops else None)
-
-    def _fail_queued(self, message: str) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(item, _Op):
-                _settle(item.loop, item.future, error=StoreError(f"{item.name}: {message}"))
+    def _answer(self, batch: Batch) -> None:
+        if batch.committed:
+            self.commits += 1
+        for note in batch.notes:
+            logger = log if note.logger == log_name else get_logger(note.logger)
+            getattr(logger, note.level, logger.warning)(note.event, **note.fields)
+        for outcome in batch.outcomes:
+            waiting = self._waiting.pop(outcome.key, None)
+            if waiting is None or waiting[1].done():  # the caller stopped waiting
+                continue
+            future = waiting[1]
+            if outcome.error is None:
+                future.set_result(outcome.result)
             else:
-                _settle(item.loop, item.future)
+                if outcome.cause is not None:
+                    outcome.error.__cause__ = outcome.cause
+                future.set_exception(outcome.error)
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            outcomes = [self._run_one(conn, op) for op in batch]
-            conn.execute("COMMIT")
-        except (sqlite3.Error, _BatchAborted) as exc:
-            self._abort(conn, batch, exc)
-            return
-        except BaseException as exc:
-            # The thread is going down: still answer this batch's callers first.
-            self._abort(conn, batch, exc)
-            raise
-        self.commits += 1
-        _settle_all(
-            [(op, result, error) for op, (result, error) in zip(batch, outcomes, strict=True)]
-        )
+    def _lost(self) -> None:
+        """The writer's end closed: it exited (asked to, or not)."""
+        self._accepting = False
+        if not self._stopping and self._ready is not None and self._ready.done():
+            log.critical("store.writer_crashed", path=str(self.path))
+        _resolve(self._ready, StoreError(f"{self.path}: the store writer exited at start-up"))
+        message = "the store is closed" if self._stopping else "the store writer exited"
+        waiting, self._waiting = self._waiting, {}
+        for name, future in waiting.values():
+            if not future.done():
+                future.set_exception(StoreError(f"{name}: {message}"))
+        _resolve(self._gone)
 
-    def _run_one(self, conn: sqlite3.Connection, op: _Op) -> tuple[Any, BaseException | None]:
-        if op.savepoint:
-            try:
-                conn.execute("SAVEPOINT op")
-            except sqlite3.Error as exc:
-                raise _BatchAborted(f"savepoint: {exc}") from exc
-        changes = conn.total_changes  # counts completed writes only, not a failed statement
-        try:
-            result = op.fn(conn)
-        # The writer must outlive a bug or a bad argument in one operation: that caller
-        # alone gets the error, and as a StoreError (only StoreError leaves the store).
-        except Exception as exc:
-            if op.savepoint:
-                self._rollback_savepoint(conn)
-            elif conn.total_changes != changes or not conn.in_transaction:
-                raise _BatchAborted(f"{op.name} failed after writing: {exc!r}") from exc
-            return None, self._op_error(op, exc)
-        if op.savepoint:
-            try:
-                conn.execute("RELEASE op")
-            except sqlite3.Error as exc:
-                raise _BatchAborted(f"release: {exc}") from exc
-        return result, None
 
-    @staticmethod
-    def _op_error(op: _Op, exc: Exception) -> StoreError:
-        if isinstance(exc, StoreError):  # raised on purpose by the operation: already ours
-            log.warning("store.op_failed", op=op.name, error=str(exc))
-            return exc
-        if isinstance(exc, sqlite3.Error):
-            log.warning("store.op_failed", op=op.name, error=str(exc))
-            return _store_error(f"{op.name}: {exc}", exc)
-        log.error("store.op_crashed", op=op.name, error=repr(exc))
-        return _store_error(f"{op.name}: {type(exc).__name__}: {exc}", exc)
+def _resolve(future: asyncio.Future[None] | None, error: BaseException | None = None) -> None:
+    if future is None or future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
-    @staticmethod
-    def _rollback_savepoint(conn: sqlite3.Connection) -> None:
-        try:
-            conn.execute("ROLLBACK TO op")
-            conn.execute("RELEASE op")
-        except sqlite3.Error as exc:
-            raise _BatchAborted(f"rollback to savepoint: {exc}") from exc
 
-    @staticmethod
-    def _abort(conn: sqlite3.Connection, batch: list[_Op], exc: BaseException) -> None:
-        log.error("store.batch_failed", ops=len(batch), error=str(exc))
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error as rollback_exc:
-                log.error("store.rollback_failed", error=str(rollback_exc))
-        _settle_all(
-            [(op, None, _store_error(f"{op.name}: not committed: {exc}", exc)) for op in batch]
-        )
+class _Channel(asyncio.Protocol):
+    """The service's end of the socket to its writer process."""
+
+    def __init__(self, writer: GroupCommitWriter) -> None:
+        self._writer = writer
+        self._buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        for message in unframe(self._buffer):
+            self._writer._received(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._writer._lost()
+
+
+def _writer_command(path: Path, fd: int, batch_limit: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "app.store.writer_process",
+        str(path),
+        str(fd),
+        str(batch_limit),
+        str(os.getpid()),
+    ]
+
+
+def _writer_env() -> dict[str, str]:
+    """The service's environment, and its import path: an operation is pickled by
+    reference, so the writer must import exactly the modules the service does."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}

@@ -1,0 +1,133 @@
+"""The SQLite writer process: ``python -m app.store.writer_process PATH FD BATCH PARENT``.
+
+Started by :class:`app.store.sqlite_writer.GroupCommitWriter` (read its module docstring
+first). It opens and migrates the database, says :class:`Ready` (or :class:`Failed`),
+then, until its socket reaches end-of-file: takes every request that has arrived (up to
+the batch limit), runs them in one transaction and answers with one :class:`Batch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from app.store.sqlite_writer import (
+    Failed,
+    Ready,
+    Request,
+    capture_logs,
+    connect,
+    frame,
+    migrate,
+    run_batch,
+    sendable,
+    unframe,
+)
+
+_PR_SET_PDEATHSIG = 1
+_READ_SIZE = 1 << 20
+
+
+class _Socket:
+    """The writer's end: blocking reads of whole requests, and non-blocking ones of
+    whatever else has arrived."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+        self.eof = False
+
+    def send(self, message: Any) -> None:
+        self.sock.sendall(frame(message))
+
+    def wait(self) -> list[Request]:
+        """Block until at least one request has arrived (empty at end-of-file)."""
+        self.sock.setblocking(True)
+        while not self.eof:
+            self._read()
+            got = list(unframe(self.buffer))
+            if got:
+                return got
+        return []
+
+    def more(self) -> list[Request]:
+        """What else has arrived, without blocking."""
+        self.sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while not self.eof:
+                self._read()
+        return list(unframe(self.buffer))
+
+    def _read(self) -> None:
+        data = self.sock.recv(_READ_SIZE)
+        if data:
+            self.buffer += data
+        else:
+            self.eof = True
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL when the service dies; and no signal of the terminal or the container
+    stops this process in the middle of a batch: the service stops it (end-of-file)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+
+
+def serve(path: Path, channel: _Socket, batch_limit: int) -> None:
+    try:
+        conn = connect(path)
+        try:
+            applied = migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+    except Exception as exc:  # noqa: BLE001 - every reason to fail reaches the service
+        channel.send(Failed(f"{path}: {exc}"))
+        return
+    channel.send(Ready(applied))
+    pending: deque[Request] = deque()
+    try:
+        while True:
+            if not pending:
+                pending.extend(channel.wait())
+                if not pending:
+                    return  # end-of-file: the service has stopped
+            pending.extend(channel.more())
+            batch = [pending.popleft() for _ in range(min(batch_limit, len(pending)))]
+            answer = run_batch(conn, batch)
+            try:
+                message = frame(answer)
+            except Exception:  # noqa: BLE001 - a result that does not pickle: that caller's error
+                message = frame(sendable(answer))
+            channel.sock.sendall(message)
+    finally:
+        conn.close()
+
+
+def main(argv: list[str]) -> int:
+    path, fd, batch_limit, parent = argv
+    _die_with_parent(int(parent))
+    capture_logs()
+    sock = socket.socket(fileno=int(fd))
+    try:
+        serve(Path(path), _Socket(sock), int(batch_limit))
+    except (BrokenPipeError, ConnectionResetError):
+        return 1  # the service is gone: nobody is left to answer
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
