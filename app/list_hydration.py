@@ -28,12 +28,12 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from app.clopos.client import OrdersPage
 from app.logs import get_logger
 from app.poller import ListedOrder
-from app.snapshot import build_body, snapshot_key
+from app.snapshot import render_listed, snapshot_key
 from app.store.base import ListedResult, ListedState, Store
 
 log = get_logger("app.list_hydration")
@@ -78,31 +78,11 @@ def listed_state(brand: str, order: ListedOrder, *, hydrated_at: float) -> Liste
     except ValueError:
         return None
 
-    # A partial of a module-level function, not a closure: the state is sent to the
-    # store's writer process, where the body is rendered (app/store/sqlite_writer.py).
-    render = functools.partial(_render_listed, key, brand, order.order_id, order.order, hydrated_at)
+    # A partial of a function of app.snapshot, not a closure: the state is sent to the
+    # store's writer process, where the body is rendered (app/store/sqlite_writer.py),
+    # and that module is light to import there.
+    render = functools.partial(render_listed, key, brand, order.order_id, order.order, hydrated_at)
     return ListedState(order.order_id, order.venue_id, key, order.updated_at, render)
-
-
-def _render_listed(
-    key: str,
-    brand: str,
-    order_id: int,
-    order: dict[str, Any],
-    hydrated_at: float,
-    notification_ids: tuple[int, ...],
-    received_at: float,
-) -> bytes:
-    return build_body(
-        key=key,
-        brand=brand,
-        order_id=order_id,
-        order=order,
-        notification_ids=list(notification_ids),
-        received_at=received_at,
-        hydrated_at=hydrated_at,
-        hydrated_from="order_list",
-    )
 
 
 class ListHydrator:

@@ -77,3 +77,26 @@ def build_body(
         "hydrated_from": hydrated_from,
     }
     return _dumps(body, sort_keys=False)
+
+
+def render_listed(
+    key: str,
+    brand: str,
+    order_id: int,
+    order: dict[str, Any],
+    hydrated_at: float,
+    notification_ids: tuple[int, ...],
+    received_at: float,
+) -> bytes:
+    """The body of a state read from a list page, once the store knows which notices it
+    covers (``ListedState.render``, as a partial of the first five arguments)."""
+    return build_body(
+        key=key,
+        brand=brand,
+        order_id=order_id,
+        order=order,
+        notification_ids=list(notification_ids),
+        received_at=received_at,
+        hydrated_at=hydrated_at,
+        hydrated_from="order_list",
+    )

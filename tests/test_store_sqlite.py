@@ -32,13 +32,21 @@ CRASHING_WRITER = """
 import asyncio, sys
 from app.store.base import Notification
 from app.store.sqlite import SqliteStore
+from tests.test_store_sqlite import _wait_at_gate
 
 async def main():
     store = SqliteStore(sys.argv[1])
     await store.open()
-    for i in range(1, 1_000_000):
+    for i in range(1, 301):
         notice = Notification(brand="acme", order_id=i, received_at=float(i))
         print((await store.enqueue(notice)).notification_id, flush=True)
+    # Then hold the writer inside an operation (up to 10 s) while more enqueues wait.
+    folder = sys.argv[2]
+    gate = asyncio.ensure_future(store.run(
+        "gate", _wait_at_gate, folder + "/gate-entered", folder + "/gate-released"
+    ))
+    more = [asyncio.ensure_future(store.enqueue(Notification("acme", 301, 301.0)))]
+    await asyncio.gather(gate, *more)
 
 asyncio.run(main())
 """
@@ -244,7 +252,7 @@ async def test_every_acknowledged_enqueue_survives_kill_9(tmp_path: Path) -> Non
     path = tmp_path / "store.db"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen(
-        [sys.executable, "-c", CRASHING_WRITER, str(path)],
+        [sys.executable, "-c", CRASHING_WRITER, str(path), str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,
@@ -260,12 +268,17 @@ async def test_every_acknowledged_enqueue_survives_kill_9(tmp_path: Path) -> Non
             if len(acked) >= 300:
                 break
         writers = _children(child.pid)
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "gate-entered").exists():
+            assert time.monotonic() < deadline, "the writer never entered the gate"
+            time.sleep(0.01)
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)
     assert len(acked) >= 300
     assert len(writers) == 1, "the store's writer is a process of its own"
-    assert _gone(writers[0], within=5), "the writer died with the service: no orphan"
+    # Inside an operation for up to 10 s more: only PR_SET_PDEATHSIG ends it this soon.
+    assert _gone(writers[0], within=3), "the writer died with the service: no orphan"
 
     store = SqliteStore(path)
     await store.open()
@@ -323,6 +336,100 @@ async def test_a_dead_writer_fails_its_callers_and_the_store_refuses_work(
             await store.ping()
     finally:
         await store.close()
+
+
+async def test_the_writer_watch_ends_in_an_error_only_when_the_writer_dies(
+    tmp_path: Path,
+) -> None:
+    """``watch_work`` is what the runtime supervises: a dead writer ends it with an error
+    (the service exits for a restart); a store closed on purpose ends it quietly."""
+    closed = SqliteStore(tmp_path / "closed.db")
+    await closed.open()
+    watch = asyncio.create_task(closed.watch_work(lambda kind: None))
+    await asyncio.sleep(0.05)
+    await closed.close()
+    assert await asyncio.wait_for(watch, 10) is None
+
+    before = set(_children(os.getpid()))
+    dying = SqliteStore(tmp_path / "dying.db")
+    await dying.open()
+    try:
+        (writer,) = set(_children(os.getpid())) - before
+        watch = asyncio.create_task(dying.watch_work(lambda kind: None))
+        await asyncio.sleep(0.05)
+        assert not watch.done()
+        os.kill(writer, signal.SIGKILL)
+        with pytest.raises(StoreError, match="the store writer exited"):
+            await asyncio.wait_for(watch, 10)
+    finally:
+        await dying.close()
+
+
+def _big(conn: sqlite3.Connection, size: int) -> bytes:
+    return b"x" * size
+
+
+async def test_answers_larger_than_the_socket_buffer_arrive_whole(
+    sqlite_store: SqliteStore, tmp_path: Path
+) -> None:
+    """A batch's answer of many megabytes (a page of delivery bodies, a big snapshot)
+    is sent in full: the writer's socket is in blocking mode whenever it answers."""
+    assert len(await sqlite_store.run("big", _big, 8 << 20)) == 8 << 20
+    gate = Gate(tmp_path)
+    held = await gate.hold(sqlite_store)
+    many = [asyncio.create_task(sqlite_store.run("big", _big, 100_000)) for _ in range(64)]
+    await asyncio.sleep(0)
+    gate.release()
+    await held
+    assert [len(b) for b in await asyncio.gather(*many)] == [100_000] * 64
+    await sqlite_store.ping()
+
+
+def _refuse_to_load() -> None:
+    raise RuntimeError("this argument cannot be loaded")
+
+
+class Unloadable:
+    """Pickles in the service, but cannot be loaded in the writer process."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_refuse_to_load, ())
+
+
+async def test_an_op_the_writer_cannot_load_fails_alone(
+    sqlite_store: SqliteStore, tmp_path: Path
+) -> None:
+    gate = Gate(tmp_path)
+    held = await gate.hold(sqlite_store)
+    good = asyncio.create_task(sqlite_store.enqueue(notice(1)))
+    bad = asyncio.create_task(sqlite_store.run("unloadable", _execute, "SELECT 1", Unloadable()))
+    more = asyncio.create_task(sqlite_store.enqueue(notice(2)))
+    await asyncio.sleep(0)
+    gate.release()
+    await held
+    with pytest.raises(StoreError, match="unloadable: cannot be read by the store writer"):
+        await bad
+    assert not (await good).duplicate
+    assert not (await more).duplicate
+    assert await sqlite_store.run("count", _count_notifications) == 2
+
+
+async def test_a_start_given_up_on_leaves_no_writer_behind(tmp_path: Path) -> None:
+    """Cancelled while the writer starts (a shutdown during start-up): start returns at
+    once, and the writer process it had started exits."""
+    before = set(_children(os.getpid()))
+    store = SqliteStore(tmp_path / "store.db")
+    opening = asyncio.create_task(store.open())
+    deadline = time.monotonic() + 10
+    while not set(_children(os.getpid())) - before:
+        assert time.monotonic() < deadline, "no writer was started"
+        await asyncio.sleep(0.001)
+    (writer,) = set(_children(os.getpid())) - before
+    await asyncio.sleep(0.03)  # connected, the writer still loading: start awaits Ready
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(opening, 10)
+    assert _gone(writer, within=10)
 
 
 async def test_durability_pragmas_are_in_force(sqlite_store: SqliteStore) -> None:

@@ -26,7 +26,6 @@ PostgreSQL store; the notes here are about the bookkeeping that keeps them:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
@@ -186,8 +185,15 @@ class SqliteStore:
 
     async def watch_work(self, wake: Callable[[WorkKind], None]) -> None:
         # One process per file: whoever adds work wakes the workers of this process
-        # directly (the runtime's wake_*); no other process can add any.
-        await asyncio.Event().wait()
+        # directly (the runtime's wake_*); no other process can add any. What is
+        # watched instead is the writer process: the service cannot work without it, so
+        # its death ends this call with an error, the runtime's supervisor stops the
+        # service (exit 1), and the orchestrator restarts it.
+        writer = self._writer
+        if writer is None:
+            raise StoreError("watch_work: the store is not open")
+        if await writer.exited():
+            raise StoreError(f"{self.path}: the store writer exited")
 
     # --- hydration queue ----------------------------------------------------------------
 

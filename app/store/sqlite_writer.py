@@ -43,6 +43,7 @@ survives a process kill and a power loss.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -170,13 +171,18 @@ def unframe(buffer: bytearray) -> Iterator[Any]:
 
 @dataclass(frozen=True)
 class Request:
-    """One operation, as sent to the writer."""
+    """One operation, as sent to the writer. ``operation`` is the pickle of ``(fn,
+    args)``, apart from the envelope: one the writer cannot load (a module it cannot
+    import, say) fails its own caller, never the batch or the writer."""
 
     key: int
     name: str
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
+    operation: bytes
     savepoint: bool
+
+    def load(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        fn, args = pickle.loads(self.operation)  # noqa: S301 - from our own service
+        return fn, args
 
 
 @dataclass(frozen=True)
@@ -275,6 +281,12 @@ def run_batch(conn: sqlite3.Connection, requests: list[Request]) -> Batch:
 
 
 def _run_one(conn: sqlite3.Connection, request: Request, notes: list[Note]) -> Outcome:
+    try:
+        fn, args = request.load()
+    except Exception as exc:  # noqa: BLE001 - unpickling can raise almost anything
+        notes.append(Note("error", "store.op_unreadable", {"op": request.name, "error": repr(exc)}))
+        error = StoreError(f"{request.name}: cannot be read by the store writer: {exc!r}")
+        return Outcome(request.key, error=error)
     if request.savepoint:
         try:
             conn.execute("SAVEPOINT op")
@@ -282,7 +294,7 @@ def _run_one(conn: sqlite3.Connection, request: Request, notes: list[Note]) -> O
             raise _BatchAborted(f"savepoint: {exc}") from exc
     changes = conn.total_changes  # counts completed writes only, not a failed statement
     try:
-        result = request.fn(conn, *request.args)
+        result = fn(conn, *args)
     # The writer must outlive a bug or a bad argument in one operation: that caller
     # alone gets the error, and as a StoreError (only StoreError leaves the store).
     except Exception as exc:
@@ -300,6 +312,7 @@ def _run_one(conn: sqlite3.Connection, request: Request, notes: list[Note]) -> O
 
 
 def _failed(request: Request, exc: Exception, notes: list[Note]) -> Outcome:
+    """The caller's StoreError for an operation that raised (rolled back already)."""
     if isinstance(exc, StoreError):  # raised on purpose by the operation: already ours
         notes.append(Note("warning", "store.op_failed", {"op": request.name, "error": str(exc)}))
         return Outcome(request.key, error=exc)
@@ -311,16 +324,19 @@ def _failed(request: Request, exc: Exception, notes: list[Note]) -> Outcome:
     return Outcome(request.key, error=error, cause=_plain(exc))
 
 
-def sendable(batch: Batch) -> Batch:
+def sendable(batch: Batch, requests: list[Request]) -> Batch:
     """``batch`` with every result that cannot be pickled replaced by its caller's
-    StoreError: one operation's bug must not take the writer down."""
+    StoreError: one operation's bug must not take the writer down. (Found only after
+    the commit: checking every result before it would pickle each one twice.)"""
+    names = {request.key: request.name for request in requests}
     outcomes = []
     for outcome in batch.outcomes:
         try:
             pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - pickling can raise almost anything
-            error = StoreError(f"result #{outcome.key} cannot be sent back: {exc}")
-            outcome = Outcome(outcome.key, error=error)
+            state = "committed" if batch.committed else "not committed"
+            message = f"{names.get(outcome.key)}: {state}, but its result cannot be sent back"
+            outcome = Outcome(outcome.key, error=StoreError(f"{message}: {exc}"))
         outcomes.append(outcome)
     return Batch(batch.committed, outcomes, batch.notes)
 
@@ -386,12 +402,14 @@ class GroupCommitWriter:
         self._outbox: list[bytes] = []
         self._accepting = False
         self._started = False
+        self._serving = False  # the writer said Ready
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.Transport | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._ready: asyncio.Future[None] | None = None
         self._gone: asyncio.Future[None] | None = None
+        self._crash_report: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start the writer process; returns once the database is open and migrated."""
@@ -416,10 +434,12 @@ class GroupCommitWriter:
         self._transport, _ = await loop.create_connection(lambda: _Channel(self), sock=ours)
         try:
             await self._ready
-        except BaseException:
+        except BaseException:  # it failed, or the caller gave up (cancelled): no orphan
+            self._stopping = True
+            self._transport.close()  # end-of-file: a writer that is up exits at once
             await self._reap()
             raise
-        self._accepting = True
+        self._serving = self._accepting = True
 
     async def stop(self) -> None:
         """Refuse new work, let the writer finish what was sent, wait for it to exit."""
@@ -437,6 +457,13 @@ class GroupCommitWriter:
         assert self._process is not None
         await asyncio.shield(self._gone)
         await self._process.wait()
+
+    async def exited(self) -> bool:
+        """Wait until the writer process has gone; True if nobody asked it to (a crash:
+        the service cannot work without it)."""
+        assert self._gone is not None
+        await asyncio.shield(self._gone)
+        return not self._stopping
 
     async def submit(
         self,
@@ -458,7 +485,8 @@ class GroupCommitWriter:
             raise StoreError(f"{name}: the store is closed")
         key = next(self._keys)
         try:
-            message = frame(Request(key, name, fn, args, savepoint))
+            operation = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+            message = frame(Request(key, name, operation, savepoint))
         except Exception as exc:  # pickling can raise almost anything
             raise _store_error(f"{name}: cannot be sent to the store writer: {exc}", exc) from exc
         loop = self._loop
@@ -499,7 +527,10 @@ class GroupCommitWriter:
             self.commits += 1
         for note in batch.notes:
             logger = log if note.logger == log_name else get_logger(note.logger)
-            getattr(logger, note.level, logger.warning)(note.event, **note.fields)
+            try:
+                getattr(logger, note.level, logger.warning)(note.event, **note.fields)
+            except Exception as exc:  # noqa: BLE001 - a line that cannot be written is not a crash
+                log.warning("store.note_unwritable", event_name=note.event, error=repr(exc))
         for outcome in batch.outcomes:
             waiting = self._waiting.pop(outcome.key, None)
             if waiting is None or waiting[1].done():  # the caller stopped waiting
@@ -515,15 +546,30 @@ class GroupCommitWriter:
     def _lost(self) -> None:
         """The writer's end closed: it exited (asked to, or not)."""
         self._accepting = False
-        if not self._stopping and self._ready is not None and self._ready.done():
-            log.critical("store.writer_crashed", path=str(self.path))
+        crashed = self._serving and not self._stopping
         _resolve(self._ready, StoreError(f"{self.path}: the store writer exited at start-up"))
         message = "the store is closed" if self._stopping else "the store writer exited"
         waiting, self._waiting = self._waiting, {}
         for name, future in waiting.values():
             if not future.done():
                 future.set_exception(StoreError(f"{name}: {message}"))
+        if crashed and self._loop is not None:
+            self._crash_report = self._loop.create_task(self._report_crash())
+        else:
+            _resolve(self._gone)
+
+    async def _report_crash(self) -> None:
+        """Log the writer's end with its exit status, then let ``exited()`` return."""
+        exit_code = None
+        if self._process is not None:
+            with contextlib.suppress(TimeoutError):
+                exit_code = await asyncio.wait_for(self._process.wait(), _REAP_SECONDS)
+        log.critical("store.writer_crashed", path=str(self.path), exit_code=exit_code)
         _resolve(self._gone)
+
+
+# How long a crashed writer's exit status is waited for (it is reaped by then).
+_REAP_SECONDS = 5.0
 
 
 def _resolve(future: asyncio.Future[None] | None, error: BaseException | None = None) -> None:
@@ -542,10 +588,17 @@ class _Channel(asyncio.Protocol):
         self._writer = writer
         self._buffer = bytearray()
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        for message in unframe(self._buffer):
-            self._writer._received(message)
+        try:
+            for message in unframe(self._buffer):
+                self._writer._received(message)
+        except Exception as exc:  # noqa: BLE001 - a broken channel must not hang callers
+            log.critical("store.writer_channel_broken", error=repr(exc))
+            self._transport.close()  # connection_lost: every waiting caller gets an error
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._writer._lost()
@@ -565,5 +618,8 @@ def _writer_command(path: Path, fd: int, batch_limit: int) -> list[str]:
 
 def _writer_env() -> dict[str, str]:
     """The service's environment, and its import path: an operation is pickled by
-    reference, so the writer must import exactly the modules the service does."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    reference, so the writer must import exactly the modules the service does. Safe
+    path: ``-m`` would otherwise put the working directory first, and an ``app``
+    there (another checkout) would be imported instead."""
+    path = [p or os.getcwd() for p in sys.path]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "PYTHONSAFEPATH": "1"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import os
 import signal
 import socket
@@ -45,7 +46,11 @@ class _Socket:
         self.eof = False
 
     def send(self, message: Any) -> None:
-        self.sock.sendall(frame(message))
+        self.send_bytes(frame(message))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sock.setblocking(True)  # more() leaves it non-blocking: sendall needs this
+        self.sock.sendall(data)
 
     def wait(self) -> list[Request]:
         """Block until at least one request has arrived (empty at end-of-file)."""
@@ -86,6 +91,9 @@ def _die_with_parent(parent: int) -> None:
 
 def serve(path: Path, channel: _Socket, batch_limit: int) -> None:
     try:
+        # The operations' module, loaded before Ready rather than by the first
+        # request's unpickling (a webhook would wait for it).
+        importlib.import_module("app.store.sqlite")
         conn = connect(path)
         try:
             applied = migrate(conn)
@@ -109,8 +117,8 @@ def serve(path: Path, channel: _Socket, batch_limit: int) -> None:
             try:
                 message = frame(answer)
             except Exception:  # noqa: BLE001 - a result that does not pickle: that caller's error
-                message = frame(sendable(answer))
-            channel.sock.sendall(message)
+                message = frame(sendable(answer, batch))
+            channel.send_bytes(message)
     finally:
         conn.close()
 

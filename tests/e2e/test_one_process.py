@@ -8,6 +8,7 @@ with -9 leaves no stale lock: the next start succeeds at once.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from tests.e2e.conftest import Clopos
 from tests.e2e.service import (
     ROOT,
     ServiceProcess,
+    log_events,
     logged,
     notify,
     service_env,
@@ -94,5 +96,42 @@ def test_the_lock_is_released_on_a_clean_stop(tmp_path: Path, clopos: Clopos) ->
     try:
         assert second.proc is not None
         assert second.proc.poll() is None, "the second start, after a clean stop, is running"
+    finally:
+        second.stop()
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for tasks in Path(f"/proc/{pid}/task").glob("*/children")
+        for child in tasks.read_text().split()
+    ]
+
+
+def test_a_dead_store_writer_stops_the_service_for_a_restart(
+    tmp_path: Path, clopos: Clopos
+) -> None:
+    """The SQLite writer is a process of its own: killed (the OOM killer's choice, say),
+    the service cannot work, so it exits 1 at once for the orchestrator to restart it,
+    rather than answering 503 for ever. The restart loses nothing."""
+    db = tmp_path / "hydrator.db"
+    first = ServiceProcess(service_env(clopos.url, db), tmp_path / "first.log").start()
+    try:
+        assert first.proc is not None
+        notify(first, 1001)
+        assert wait_until(lambda: logged(first, 1001) == 1, timeout=15), first.tail()
+        (writer,) = _children(first.proc.pid)
+        os.kill(writer, signal.SIGKILL)
+        assert first.proc.wait(timeout=20) == 1, first.tail()
+    finally:
+        first.stop()
+    crashed = log_events(first.log_path, "store.writer_crashed")
+    assert [e["exit_code"] for e in crashed] == [-signal.SIGKILL], first.tail()
+    assert log_events(first.log_path, "service.fatal"), first.tail()
+
+    second = ServiceProcess(service_env(clopos.url, db), tmp_path / "second.log").start()
+    try:
+        notify(second, 1002)
+        assert wait_until(lambda: logged(second, 1002) == 1, timeout=15), second.tail()
     finally:
         second.stop()
