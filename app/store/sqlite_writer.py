@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import structlog
 
@@ -148,7 +148,10 @@ def migrate(conn: sqlite3.Connection, clock: Callable[[], float] = time.time) ->
 
 # --- the wire between the service and its writer process ---------------------------------
 
-_FRAME = struct.Struct("!I")  # each message: its length, then its pickle
+# The wire costs CPU on both sides for every operation (a fifth of the writer's time
+# with dataclasses on it), so it is plain: tuples, and a struct header for requests.
+_FRAME = struct.Struct("!I")  # an answer: its length, then its pickle
+_REQUEST = struct.Struct("!IQ?H")  # a request: body length, key, savepoint, name length
 
 
 def frame(message: Any) -> bytes:
@@ -157,7 +160,7 @@ def frame(message: Any) -> bytes:
 
 
 def unframe(buffer: bytearray) -> Iterator[Any]:
-    """Take every complete message off the front of ``buffer``."""
+    """Take every complete answer off the front of ``buffer``."""
     while len(buffer) >= _FRAME.size:
         (size,) = _FRAME.unpack_from(buffer)
         end = _FRAME.size + size
@@ -169,10 +172,9 @@ def unframe(buffer: bytearray) -> Iterator[Any]:
         yield message
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """One operation, as sent to the writer. ``operation`` is the pickle of ``(fn,
-    args)``, apart from the envelope: one the writer cannot load (a module it cannot
+    args)``, apart from the header: one the writer cannot load (a module it cannot
     import, say) fails its own caller, never the batch or the writer."""
 
     key: int
@@ -180,15 +182,37 @@ class Request:
     operation: bytes
     savepoint: bool
 
+    def encode(self) -> bytes:
+        name = self.name.encode()
+        header = _REQUEST.pack(len(name) + len(self.operation), self.key, self.savepoint, len(name))
+        return header + name + self.operation
+
     def load(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         fn, args = pickle.loads(self.operation)  # noqa: S301 - from our own service
         return fn, args
 
 
-@dataclass(frozen=True)
-class Outcome:
+def unframe_requests(buffer: bytearray) -> list[Request]:
+    """Take every complete request off the front of ``buffer`` (in the writer)."""
+    requests: list[Request] = []
+    start = 0
+    while len(buffer) - start >= _REQUEST.size:
+        size, key, savepoint, name_size = _REQUEST.unpack_from(buffer, start)
+        body = start + _REQUEST.size
+        end = body + size
+        if len(buffer) < end:
+            break
+        name = bytes(buffer[body : body + name_size]).decode()
+        requests.append(Request(key, name, bytes(buffer[body + name_size : end]), savepoint))
+        start = end
+    del buffer[:start]
+    return requests
+
+
+class Outcome(NamedTuple):
     """What became of one request: its result, or its error (with the error's cause
-    when that pickles: ``__cause__`` itself does not cross a pickle)."""
+    when that pickles: ``__cause__`` itself does not cross a pickle). Sent as a plain
+    tuple."""
 
     key: int
     result: Any = None
@@ -248,11 +272,14 @@ class Failed:
     message: str
 
 
-@dataclass(frozen=True)
-class Batch:
+class Batch(NamedTuple):
     committed: bool
     outcomes: list[Outcome]
     notes: list[Note]
+
+    def wire(self) -> tuple[str, bool, list[tuple[Any, ...]], list[Note]]:
+        """As sent: plain tuples, which pickle several times faster than classes."""
+        return ("batch", self.committed, [tuple(o) for o in self.outcomes], self.notes)
 
 
 # --- the writer's side: one batch, one transaction ------------------------------------------
@@ -486,7 +513,7 @@ class GroupCommitWriter:
         key = next(self._keys)
         try:
             operation = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
-            message = frame(Request(key, name, operation, savepoint))
+            message = Request(key, name, operation, savepoint).encode()
         except Exception as exc:  # pickling can raise almost anything
             raise _store_error(f"{name}: cannot be sent to the store writer: {exc}", exc) from exc
         loop = self._loop
@@ -513,8 +540,9 @@ class GroupCommitWriter:
     # --- called by the channel ----------------------------------------------------------
 
     def _received(self, message: Any) -> None:
-        if isinstance(message, Batch):
-            self._answer(message)
+        if isinstance(message, tuple) and message[0] == "batch":
+            _, committed, outcomes, notes = message
+            self._answer(Batch(committed, [Outcome(*o) for o in outcomes], notes))
         elif isinstance(message, Ready):
             for version in message.migrations:
                 log.info("store.migration.applied", version=version)

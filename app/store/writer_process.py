@@ -29,7 +29,7 @@ from app.store.sqlite_writer import (
     migrate,
     run_batch,
     sendable,
-    unframe,
+    unframe_requests,
 )
 
 _PR_SET_PDEATHSIG = 1
@@ -37,41 +37,39 @@ _READ_SIZE = 1 << 20
 
 
 class _Socket:
-    """The writer's end: blocking reads of whole requests, and non-blocking ones of
-    whatever else has arrived."""
+    """The writer's end, a blocking socket: blocking reads of whole requests, and
+    reads that do not block (``MSG_DONTWAIT``) of whatever else has arrived."""
 
     def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
         self.sock = sock
         self.buffer = bytearray()
         self.eof = False
 
     def send(self, message: Any) -> None:
-        self.send_bytes(frame(message))
+        self.sock.sendall(frame(message))
 
     def send_bytes(self, data: bytes) -> None:
-        self.sock.setblocking(True)  # more() leaves it non-blocking: sendall needs this
         self.sock.sendall(data)
 
     def wait(self) -> list[Request]:
         """Block until at least one request has arrived (empty at end-of-file)."""
-        self.sock.setblocking(True)
         while not self.eof:
-            self._read()
-            got = list(unframe(self.buffer))
+            self._read(0)
+            got = unframe_requests(self.buffer)
             if got:
                 return got
         return []
 
     def more(self) -> list[Request]:
         """What else has arrived, without blocking."""
-        self.sock.setblocking(False)
         with contextlib.suppress(BlockingIOError):
             while not self.eof:
-                self._read()
-        return list(unframe(self.buffer))
+                self._read(socket.MSG_DONTWAIT)
+        return unframe_requests(self.buffer)
 
-    def _read(self) -> None:
-        data = self.sock.recv(_READ_SIZE)
+    def _read(self, flags: int) -> None:
+        data = self.sock.recv(_READ_SIZE, flags)
         if data:
             self.buffer += data
         else:
@@ -115,9 +113,9 @@ def serve(path: Path, channel: _Socket, batch_limit: int) -> None:
             batch = [pending.popleft() for _ in range(min(batch_limit, len(pending)))]
             answer = run_batch(conn, batch)
             try:
-                message = frame(answer)
+                message = frame(answer.wire())
             except Exception:  # noqa: BLE001 - a result that does not pickle: that caller's error
-                message = frame(sendable(answer, batch))
+                message = frame(sendable(answer, batch).wire())
             channel.send_bytes(message)
     finally:
         conn.close()
