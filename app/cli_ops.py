@@ -210,7 +210,8 @@ def cmd_hydrate(args: argparse.Namespace) -> int:
 
 
 async def _hydrate(config: Config, order_id: int, brand: str | None, venue: str | None) -> int:
-    from app.clopos import CloposClient, LocalRateBudget
+    from app.clopos.budget import LocalRateBudget
+    from app.clopos.client import CloposClient
     from app.http_client import make_http_client
     from app.snapshot import build_body, snapshot_key
 

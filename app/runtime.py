@@ -21,8 +21,8 @@ from opentelemetry.trace import Tracer
 
 from app import tracing
 from app.backlog import BacklogReader
-from app.clopos import CloposClient, LocalRateBudget
-from app.clopos.budget import RateBudget
+from app.clopos.budget import LocalRateBudget, RateBudget
+from app.clopos.client import CloposClient
 from app.clopos.shared_budget import SharedRateBudget
 from app.delivery import SinkDeliverer
 from app.errors import StoreError

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from app.backlog import BacklogReader, backlog_threshold, worth_listing
-from app.clopos import CloposClient, LocalRateBudget
+from app.clopos.budget import LocalRateBudget
+from app.clopos.client import CloposClient
 from app.errors import StoreError
 from app.http_client import make_http_client
 from app.hydration import Hydrator, make_snapshot

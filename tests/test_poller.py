@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from app.clopos import CloposClient, LocalRateBudget, OrdersPage
+from app.clopos.budget import LocalRateBudget
+from app.clopos.client import CloposClient, OrdersPage
 from app.errors import (
     CloposCredentialsRejected,
     CloposError,

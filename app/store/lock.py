@@ -1,4 +1,5 @@
-"""One process per SQLite file: an OS lock held for the life of the process.
+"""One process per SQLite file: an OS lock held for the life of the process (the service;
+its store writer is a child process that dies with it, app/store/sqlite_writer.py).
 
 SQLite itself would let a second process open the file, and that process would void
 the first one's leases when its store opens (app/store/sql.py, VOID_*_LEASES), so the

@@ -112,7 +112,7 @@ SELECT MAX(id) AS max_id, MIN(received_at) AS first_received_at FROM notificatio
 WHERE job_id = :job_id AND snapshot_id IS NULL
 """
 # A claim states its own preconditions (due, or running on a lease that ran out), so it
-# is correct under any concurrency, not only because one thread runs every statement:
+# is correct under any concurrency, not only because one writer runs every statement:
 # of two claimers that picked the same candidate, the second changes nothing.
 # The attempt counts now, not when it ends: a claim that ends with no outcome (a crash,
 # a lost lease) still counts, and is one more lost lease in a row (status is still

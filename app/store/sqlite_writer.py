@@ -8,11 +8,12 @@ store trivially correct: no two operations ever interleave.
 Why a process, not a thread: the writer's Python (binding parameters, reading rows,
 the savepoints) and every return from SQLite's C code need the GIL, so a writer thread
 took it from the event loop thousands of times a second. In a process of its own the
-writer runs on the other core: the same webhook load cost the service's event loop
-half the CPU, and ingest went from 0.62x to 0.87x the bare endpoint's throughput
-(docs/performance.md, step 14). The price: an operation must be picklable, a
-module-level function ``fn(conn, *args)`` with picklable arguments and result, and a
-round trip over a socket (about what the thread hop cost the loop).
+writer runs on the other core: side by side with the thread, ingest under wrk went
+from 0.61x to 0.78x the bare endpoint's throughput and end-to-end capacity 1.12x
+(docs/performance.md, step 14). The price: an operation must be picklable (a
+module-level function ``fn(conn, *args)``, picklable arguments and result), and the
+wire costs about 10 us of CPU per operation, so where the second core is not free
+(a load generator on the same two cores took one) the service is slower.
 
 Group commit: the writer takes whatever has arrived (up to ``batch_limit``
 operations), runs the batch in ONE transaction with each operation in its own

@@ -33,6 +33,8 @@ from app.store.sqlite_writer import (
 )
 
 _PR_SET_PDEATHSIG = 1
+# Where the store's operations and what they are sent live (a list page's render).
+_OPERATION_MODULES = ("app.store.sqlite", "app.snapshot")
 _READ_SIZE = 1 << 20
 
 
@@ -89,9 +91,10 @@ def _die_with_parent(parent: int) -> None:
 
 def serve(path: Path, channel: _Socket, batch_limit: int) -> None:
     try:
-        # The operations' module, loaded before Ready rather than by the first
+        # The operations' modules, loaded before Ready rather than by the first
         # request's unpickling (a webhook would wait for it).
-        importlib.import_module("app.store.sqlite")
+        for module in _OPERATION_MODULES:
+            importlib.import_module(module)
         conn = connect(path)
         try:
             applied = migrate(conn)
