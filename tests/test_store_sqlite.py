@@ -23,6 +23,7 @@ from app.store.postgres import PostgresStore
 from app.store.sqlite import SqliteStore
 from app.store.sqlite import _enqueue as sqlite_enqueue
 from app.store.sqlite_writer import migrate, migration_scripts, split_statements
+from tests.processes import child_pids, exited
 
 T0 = 1_700_000_000.0
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +97,13 @@ class Gate:
     def release(self) -> None:
         self.released.touch()
 
+    async def let_through(self, held: asyncio.Task[None]) -> None:
+        """Release the held batch once every task created meanwhile has reached its
+        await (all of them queued): they run together as the next batch."""
+        await asyncio.sleep(0)
+        self.release()
+        await held
+
 
 def _execute(conn: sqlite3.Connection, statement: str, params: Any = ()) -> None:
     conn.execute(statement, params)
@@ -161,9 +169,7 @@ async def test_ops_queued_together_share_one_commit(
     held = await gate.hold(sqlite_store)
     before = sqlite_store.commits
     tasks = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(20)]
-    await asyncio.sleep(0)  # every task reaches its await: all 20 are queued
-    gate.release()
-    await held
+    await gate.let_through(held)  # all 20 are queued
     await asyncio.gather(*tasks)
     assert sqlite_store.commits - before == 2, "the gate's batch, then one for all 20"
 
@@ -174,9 +180,7 @@ async def test_a_failing_op_rolls_back_alone(sqlite_store: SqliteStore, tmp_path
     good = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(10)]
     bad = asyncio.create_task(sqlite_store.run("half_then_fail", _write_then_fail))
     more = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(10, 20)]
-    await asyncio.sleep(0)
-    gate.release()
-    await held
+    await gate.let_through(held)
 
     with pytest.raises(StoreError, match="no_such_table"):
         await bad
@@ -213,9 +217,7 @@ async def test_a_failed_commit_fails_every_op_of_its_batch(
     held = await gate.hold(sqlite_store)
     victim = asyncio.create_task(sqlite_store.enqueue(notice(1)))
     culprit = asyncio.create_task(sqlite_store.run("violate", _violate_at_commit))
-    await asyncio.sleep(0)
-    gate.release()
-    await held
+    await gate.let_through(held)
     for task in (victim, culprit):
         with pytest.raises(StoreError, match="not committed"):
             await task
@@ -267,7 +269,7 @@ async def test_every_acknowledged_enqueue_survives_kill_9(tmp_path: Path) -> Non
                 acked.add(int(line))
             if len(acked) >= 300:
                 break
-        writers = _children(child.pid)
+        writers = child_pids(child.pid)
         deadline = time.monotonic() + 10
         while not (tmp_path / "gate-entered").exists():
             assert time.monotonic() < deadline, "the writer never entered the gate"
@@ -278,7 +280,7 @@ async def test_every_acknowledged_enqueue_survives_kill_9(tmp_path: Path) -> Non
     assert len(acked) >= 300
     assert len(writers) == 1, "the store's writer is a process of its own"
     # Inside an operation for up to 10 s more: only PR_SET_PDEATHSIG ends it this soon.
-    assert _gone(writers[0], within=3), "the writer died with the service: no orphan"
+    assert exited(writers[0], within=3), "the writer died with the service: no orphan"
 
     store = SqliteStore(path)
     await store.open()
@@ -289,38 +291,16 @@ async def test_every_acknowledged_enqueue_survives_kill_9(tmp_path: Path) -> Non
     assert acked <= stored, f"lost {len(acked - stored)} acknowledged notifications"
 
 
-def _children(pid: int) -> list[int]:
-    return [
-        int(child)
-        for tasks in Path(f"/proc/{pid}/task").glob("*/children")
-        for child in tasks.read_text().split()
-    ]
-
-
-def _gone(pid: int, *, within: float) -> bool:
-    """Whether ``pid`` has exited (a zombie counts: it runs nothing) within the time."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.02)
-    return False
-
-
 async def test_a_dead_writer_fails_its_callers_and_the_store_refuses_work(
     tmp_path: Path,
 ) -> None:
     """The writer process killed under the service: whoever waits gets a StoreError (the
     webhook answers 503, readiness fails), never a hang; nothing new is accepted."""
-    before = set(_children(os.getpid()))
+    before = set(child_pids(os.getpid()))
     store = SqliteStore(tmp_path / "store.db")
     await store.open()
     try:
-        (writer,) = set(_children(os.getpid())) - before
+        (writer,) = set(child_pids(os.getpid())) - before
         await store.enqueue(notice(1))
         gate = Gate(tmp_path)
         held = await gate.hold(store)
@@ -350,11 +330,11 @@ async def test_the_writer_watch_ends_in_an_error_only_when_the_writer_dies(
     await closed.close()
     assert await asyncio.wait_for(watch, 10) is None
 
-    before = set(_children(os.getpid()))
+    before = set(child_pids(os.getpid()))
     dying = SqliteStore(tmp_path / "dying.db")
     await dying.open()
     try:
-        (writer,) = set(_children(os.getpid())) - before
+        (writer,) = set(child_pids(os.getpid())) - before
         watch = asyncio.create_task(dying.watch_work(lambda kind: None))
         await asyncio.sleep(0.05)
         assert not watch.done()
@@ -378,9 +358,7 @@ async def test_answers_larger_than_the_socket_buffer_arrive_whole(
     gate = Gate(tmp_path)
     held = await gate.hold(sqlite_store)
     many = [asyncio.create_task(sqlite_store.run("big", _big, 100_000)) for _ in range(64)]
-    await asyncio.sleep(0)
-    gate.release()
-    await held
+    await gate.let_through(held)
     assert [len(b) for b in await asyncio.gather(*many)] == [100_000] * 64
     await sqlite_store.ping()
 
@@ -404,9 +382,7 @@ async def test_an_op_the_writer_cannot_load_fails_alone(
     good = asyncio.create_task(sqlite_store.enqueue(notice(1)))
     bad = asyncio.create_task(sqlite_store.run("unloadable", _execute, "SELECT 1", Unloadable()))
     more = asyncio.create_task(sqlite_store.enqueue(notice(2)))
-    await asyncio.sleep(0)
-    gate.release()
-    await held
+    await gate.let_through(held)
     with pytest.raises(StoreError, match="unloadable: cannot be read by the store writer"):
         await bad
     assert not (await good).duplicate
@@ -417,19 +393,19 @@ async def test_an_op_the_writer_cannot_load_fails_alone(
 async def test_a_start_given_up_on_leaves_no_writer_behind(tmp_path: Path) -> None:
     """Cancelled while the writer starts (a shutdown during start-up): start returns at
     once, and the writer process it had started exits."""
-    before = set(_children(os.getpid()))
+    before = set(child_pids(os.getpid()))
     store = SqliteStore(tmp_path / "store.db")
     opening = asyncio.create_task(store.open())
     deadline = time.monotonic() + 10
-    while not set(_children(os.getpid())) - before:
+    while not set(child_pids(os.getpid())) - before:
         assert time.monotonic() < deadline, "no writer was started"
         await asyncio.sleep(0.001)
-    (writer,) = set(_children(os.getpid())) - before
+    (writer,) = set(child_pids(os.getpid())) - before
     await asyncio.sleep(0.03)  # connected, the writer still loading: start awaits Ready
     opening.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(opening, 10)
-    assert _gone(writer, within=10)
+    assert exited(writer, within=10)
 
 
 async def test_durability_pragmas_are_in_force(sqlite_store: SqliteStore) -> None:
@@ -662,9 +638,7 @@ async def test_an_op_without_savepoint_failing_before_any_write_fails_alone(
     good = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(5)]
     bad = asyncio.create_task(sqlite_store.run("fail_early", _fail_before_writing, savepoint=False))
     more = [asyncio.create_task(sqlite_store.enqueue(notice(i))) for i in range(5, 10)]
-    await asyncio.sleep(0)
-    gate.release()
-    await held
+    await gate.let_through(held)
 
     with pytest.raises(StoreError, match="no_such_table"):
         await bad
@@ -683,9 +657,7 @@ async def test_an_op_without_savepoint_failing_after_a_write_fails_its_whole_bat
     culprit = asyncio.create_task(
         sqlite_store.run("write_then_fail", _write_then_fail, savepoint=False)
     )
-    await asyncio.sleep(0)
-    gate.release()
-    await held
+    await gate.let_through(held)
     for task in (*victims, culprit):
         with pytest.raises(StoreError, match="not committed"):
             await task

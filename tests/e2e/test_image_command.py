@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.service import ROOT, ServiceProcess, service_env, wait_until
+from tests.processes import child_pids
 from tests.servers import free_port
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -105,11 +106,6 @@ def test_the_health_check_fails_when_nothing_listens_on_the_serving_port(tmp_pat
         stand_in.wait()
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
 def test_sigterm_to_the_service_as_pid_1_exits_143(tmp_path: Path) -> None:
     """In a container the service is PID 1, and the kernel drops a signal PID 1 has no
     handler for: the re-raised SIGTERM used to do nothing, and the exit status was 0. A new
@@ -134,8 +130,8 @@ def test_sigterm_to_the_service_as_pid_1_exits_143(tmp_path: Path) -> None:
         )
     inner: int | None = None
     try:
-        assert wait_until(lambda: bool(_children(outer.pid)), timeout=10)
-        inner = _children(outer.pid)[0]
+        assert wait_until(lambda: bool(child_pids(outer.pid)), timeout=10)
+        inner = child_pids(outer.pid)[0]
         assert wait_until(lambda: healthcheck(inner).returncode == 0, timeout=30), (
             log_path.read_text()
         )

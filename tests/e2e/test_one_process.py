@@ -25,6 +25,7 @@ from tests.e2e.service import (
     service_env,
     wait_until,
 )
+from tests.processes import child_pids
 from tests.servers import free_port
 
 
@@ -100,14 +101,6 @@ def test_the_lock_is_released_on_a_clean_stop(tmp_path: Path, clopos: Clopos) ->
         second.stop()
 
 
-def _children(pid: int) -> list[int]:
-    return [
-        int(child)
-        for tasks in Path(f"/proc/{pid}/task").glob("*/children")
-        for child in tasks.read_text().split()
-    ]
-
-
 def test_a_dead_store_writer_stops_the_service_for_a_restart(
     tmp_path: Path, clopos: Clopos
 ) -> None:
@@ -120,7 +113,7 @@ def test_a_dead_store_writer_stops_the_service_for_a_restart(
         assert first.proc is not None
         notify(first, 1001)
         assert wait_until(lambda: logged(first, 1001) == 1, timeout=15), first.tail()
-        (writer,) = _children(first.proc.pid)
+        (writer,) = child_pids(first.proc.pid)
         os.kill(writer, signal.SIGKILL)
         assert first.proc.wait(timeout=20) == 1, first.tail()
     finally:
