@@ -109,7 +109,9 @@ class Runtime:
         self.tracer_provider = tracer_provider
         self.tracer: Tracer | None = tracing.get_tracer(tracer_provider)
         settings = config.settings
-        self.store: Store = store or open_store(settings.database_url)
+        self.store: Store = store or open_store(
+            settings.database_url, sqlite_writer=settings.sqlite_writer
+        )
         self.metrics = Metrics()
         self.started_at = time.time()
         self.policy = RetryPolicy(

@@ -108,6 +108,9 @@ def _default_sinks() -> list[HttpSinkConfig | LogSinkConfig]:
     return [LogSinkConfig(type="log")]
 
 
+SqliteWriter = Literal["auto", "process", "thread"]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env",
@@ -155,6 +158,9 @@ class Settings(BaseSettings):
 
     # --- Store ---
     database_url: str = "sqlite:///./data/hydrator.db"
+    # Where SQLite's single writer runs: a process of its own, a thread, or "auto" (a
+    # process when this process may use two CPUs or more; app/store/writer_thread.py).
+    sqlite_writer: SqliteWriter = "auto"
     retention_hours: float = Field(default=168.0, gt=0)
 
     # --- Sinks ---

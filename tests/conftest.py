@@ -13,7 +13,9 @@ from app.store.postgres import PostgresStore
 from app.store.sqlite import SqliteStore
 from tests.pg import PgServer, build_template, start_server, stop_server
 
-STORE_BACKENDS = ["sqlite", "postgresql"]
+# "sqlite-thread": the SQLite store with its writer as a thread (SQLITE_WRITER=thread), which
+# a host with fewer than two CPUs gets; "sqlite" runs it as a process on this 2-CPU machine.
+STORE_BACKENDS = ["sqlite", "sqlite-thread", "postgresql"]
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +42,9 @@ def pg_url(pg_server: PgServer) -> Iterator[str]:
 
 def make_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
     if backend == "sqlite":
-        return SqliteStore(tmp_path / "store.db")
+        return SqliteStore(tmp_path / "store.db", writer="process")
+    if backend == "sqlite-thread":
+        return SqliteStore(tmp_path / "store.db", writer="thread")
     if backend == "postgresql":
         # The contract drives time through ``now=``, leases included.
         return PostgresStore(request.getfixturevalue("pg_url"), lease_clock="caller")

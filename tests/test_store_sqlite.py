@@ -4,6 +4,8 @@ failure isolation inside a batch, lifecycle, and the DATABASE_URL forms."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import signal
 import sqlite3
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 
 from app.errors import ConfigError, StoreError, StoreInUseError
+from app.logs import configure_logging
 from app.store import open_store, sql, sqlite_listed, sqlite_path
 from app.store.base import DeadLetterFilter, NewSnapshot, Notification
 from app.store.postgres import PostgresStore
@@ -36,7 +39,7 @@ from app.store.sqlite import SqliteStore
 from tests.test_store_sqlite import _wait_at_gate
 
 async def main():
-    store = SqliteStore(sys.argv[1])
+    store = SqliteStore(sys.argv[1], writer=sys.argv[3])
     await store.open()
     for i in range(1, 301):
         notice = Notification(brand="acme", order_id=i, received_at=float(i))
@@ -57,9 +60,23 @@ def notice(order_id: int, at: float = T0) -> Notification:
     return Notification(brand="acme", order_id=order_id, received_at=at)
 
 
+@pytest.fixture(params=["process", "thread"])
+async def sqlite_store(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[SqliteStore]:
+    """The store with each writer (SQLITE_WRITER): they make the same promises."""
+    store = SqliteStore(tmp_path / "store.db", writer=request.param)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 @pytest.fixture
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    store = SqliteStore(tmp_path / "store.db")
+async def process_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """The store with its writer as a process (what can only go wrong on a wire)."""
+    store = SqliteStore(tmp_path / "store.db", writer="process")
     await store.open()
     try:
         yield store
@@ -201,13 +218,13 @@ async def test_any_exception_of_an_op_leaves_as_store_error(sqlite_store: Sqlite
     await sqlite_store.ping()
 
 
-async def test_an_op_that_cannot_be_sent_fails_alone(sqlite_store: SqliteStore) -> None:
+async def test_an_op_that_cannot_be_sent_fails_alone(process_store: SqliteStore) -> None:
     """The writer is another process: a closure cannot be sent there. Its caller gets a
     StoreError at once; nothing reaches the writer, which carries on."""
     with pytest.raises(StoreError, match="cannot be sent to the store writer"):
-        await sqlite_store.run("closure", lambda conn: None)
-    await sqlite_store.enqueue(notice(1))
-    assert await sqlite_store.run("count", _count_notifications) == 1
+        await process_store.run("closure", lambda conn: None)
+    await process_store.enqueue(notice(1))
+    assert await process_store.run("count", _count_notifications) == 1
 
 
 async def test_a_failed_commit_fails_every_op_of_its_batch(
@@ -250,11 +267,12 @@ async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
         await second.close()
 
 
-async def test_every_acknowledged_enqueue_survives_kill_9(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_every_acknowledged_enqueue_survives_kill_9(tmp_path: Path, writer: str) -> None:
     path = tmp_path / "store.db"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = subprocess.Popen(
-        [sys.executable, "-c", CRASHING_WRITER, str(path), str(tmp_path)],
+        [sys.executable, "-c", CRASHING_WRITER, str(path), str(tmp_path), writer],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,
@@ -278,9 +296,12 @@ async def test_every_acknowledged_enqueue_survives_kill_9(tmp_path: Path) -> Non
         child.send_signal(signal.SIGKILL)
         child.wait(10)
     assert len(acked) >= 300
-    assert len(writers) == 1, "the store's writer is a process of its own"
-    # Inside an operation for up to 10 s more: only PR_SET_PDEATHSIG ends it this soon.
-    assert exited(writers[0], within=3), "the writer died with the service: no orphan"
+    if writer == "thread":
+        assert writers == [], "the writer is a thread of the service"
+    else:
+        assert len(writers) == 1, "the store's writer is a process of its own"
+        # Inside an operation for up to 10 s more: only PR_SET_PDEATHSIG ends it this soon.
+        assert exited(writers[0], within=3), "the writer died with the service: no orphan"
 
     store = SqliteStore(path)
     await store.open()
@@ -297,7 +318,7 @@ async def test_a_dead_writer_fails_its_callers_and_the_store_refuses_work(
     """The writer process killed under the service: whoever waits gets a StoreError (the
     webhook answers 503, readiness fails), never a hang; nothing new is accepted."""
     before = set(child_pids(os.getpid()))
-    store = SqliteStore(tmp_path / "store.db")
+    store = SqliteStore(tmp_path / "store.db", writer="process")
     await store.open()
     try:
         (writer,) = set(child_pids(os.getpid())) - before
@@ -331,7 +352,7 @@ async def test_the_writer_watch_ends_in_an_error_only_when_the_writer_dies(
     assert await asyncio.wait_for(watch, 10) is None
 
     before = set(child_pids(os.getpid()))
-    dying = SqliteStore(tmp_path / "dying.db")
+    dying = SqliteStore(tmp_path / "dying.db", writer="process")
     await dying.open()
     try:
         (writer,) = set(child_pids(os.getpid())) - before
@@ -343,6 +364,50 @@ async def test_the_writer_watch_ends_in_an_error_only_when_the_writer_dies(
             await asyncio.wait_for(watch, 10)
     finally:
         await dying.close()
+
+
+def _die(conn: sqlite3.Connection) -> None:
+    raise SystemExit(7)  # no operation's error: it escapes the batch and ends the writer
+
+
+async def test_a_writer_that_dies_fails_its_batch_and_ends_the_watch(
+    sqlite_store: SqliteStore, tmp_path: Path
+) -> None:
+    """Whatever ends the writer (a process or a thread): the callers of its batch get a
+    StoreError, the batch is not committed, the store refuses work, and ``watch_work``
+    ends in an error (the runtime exits 1 for a restart), with store.writer_crashed."""
+    logs = io.StringIO()
+    configure_logging(fmt="json", level="info", secrets=[], stream=logs)
+    watch = asyncio.create_task(sqlite_store.watch_work(lambda kind: None))
+    gate = Gate(tmp_path)
+    held = await gate.hold(sqlite_store)
+    dying = asyncio.create_task(sqlite_store.run("die", _die))
+    beside = asyncio.create_task(sqlite_store.enqueue(notice(1)))
+    await gate.let_through(held)
+    for task in (dying, beside, watch):
+        with pytest.raises(StoreError, match="the store writer exited"):
+            await asyncio.wait_for(task, 10)
+    with pytest.raises(StoreError, match="closed"):
+        await sqlite_store.enqueue(notice(2))
+    (crash,) = [
+        e
+        for e in map(json.loads, logs.getvalue().splitlines())
+        if e["event"] == "store.writer_crashed"
+    ]
+    assert crash["level"] == "critical"
+    if crash["writer"] == "process":
+        assert crash["exit_code"] == 7, crash
+    else:
+        assert crash["writer"] == "thread", crash
+        assert crash["error"] == "SystemExit(7)", crash
+    await sqlite_store.close()
+
+    again = SqliteStore(sqlite_store.path)
+    await again.open()
+    try:
+        assert await again.run("count", _count_notifications) == 0, "that batch was not committed"
+    finally:
+        await again.close()
 
 
 def _big(conn: sqlite3.Connection, size: int) -> bytes:
@@ -375,26 +440,26 @@ class Unloadable:
 
 
 async def test_an_op_the_writer_cannot_load_fails_alone(
-    sqlite_store: SqliteStore, tmp_path: Path
+    process_store: SqliteStore, tmp_path: Path
 ) -> None:
     gate = Gate(tmp_path)
-    held = await gate.hold(sqlite_store)
-    good = asyncio.create_task(sqlite_store.enqueue(notice(1)))
-    bad = asyncio.create_task(sqlite_store.run("unloadable", _execute, "SELECT 1", Unloadable()))
-    more = asyncio.create_task(sqlite_store.enqueue(notice(2)))
+    held = await gate.hold(process_store)
+    good = asyncio.create_task(process_store.enqueue(notice(1)))
+    bad = asyncio.create_task(process_store.run("unloadable", _execute, "SELECT 1", Unloadable()))
+    more = asyncio.create_task(process_store.enqueue(notice(2)))
     await gate.let_through(held)
     with pytest.raises(StoreError, match="unloadable: cannot be read by the store writer"):
         await bad
     assert not (await good).duplicate
     assert not (await more).duplicate
-    assert await sqlite_store.run("count", _count_notifications) == 2
+    assert await process_store.run("count", _count_notifications) == 2
 
 
 async def test_a_start_given_up_on_leaves_no_writer_behind(tmp_path: Path) -> None:
     """Cancelled while the writer starts (a shutdown during start-up): start returns at
     once, and the writer process it had started exits."""
     before = set(child_pids(os.getpid()))
-    store = SqliteStore(tmp_path / "store.db")
+    store = SqliteStore(tmp_path / "store.db", writer="process")
     opening = asyncio.create_task(store.open())
     deadline = time.monotonic() + 10
     while not set(child_pids(os.getpid())) - before:

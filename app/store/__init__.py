@@ -7,11 +7,15 @@ store.open()`` (which also applies pending migrations).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from app.errors import ConfigError
 from app.store.base import Store
 from app.store.lock import DatabaseLock
+
+if TYPE_CHECKING:
+    from app.settings import SqliteWriter
 
 SQLITE_PREFIX = "sqlite:///"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -62,8 +66,9 @@ def postgres_conninfo(database_url: str) -> str:
     return database_url
 
 
-def open_store(database_url: str) -> Store:
-    """Build the store for ``database_url`` (not yet opened)."""
+def open_store(database_url: str, *, sqlite_writer: SqliteWriter = "auto") -> Store:
+    """Build the store for ``database_url`` (not yet opened). ``sqlite_writer``: see
+    ``SQLITE_WRITER`` (a PostgreSQL store has no writer of its own)."""
     if database_url.startswith(POSTGRES_SCHEMES):
         from app.store.postgres import PostgresStore
 
@@ -71,7 +76,7 @@ def open_store(database_url: str) -> Store:
     if database_url.startswith("sqlite:"):
         from app.store.sqlite import SqliteStore
 
-        return SqliteStore(sqlite_path(database_url))
+        return SqliteStore(sqlite_path(database_url), writer=sqlite_writer)
     raise ConfigError("DATABASE_URL", "must start with sqlite:/// or postgresql://")
 
 

@@ -35,8 +35,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from app.cpus import available_cpus
 from app.errors import StoreError
 from app.logs import get_logger
 from app.store import rules, sql, sqlite_listed
@@ -69,7 +70,11 @@ from app.store.base import (
     WorkKind,
 )
 from app.store.lock import DatabaseLock
-from app.store.sqlite_writer import GroupCommitWriter
+from app.store.sqlite_writer import GroupCommitWriter, ProcessWriter
+from app.store.writer_thread import ThreadWriter
+
+if TYPE_CHECKING:
+    from app.settings import SqliteWriter
 
 T = TypeVar("T")
 log = get_logger("app.store.sqlite")
@@ -81,6 +86,20 @@ MAX_NOTIFICATION_IDS = 1000
 # Rows one prune statement deletes at most, so one prune never holds the writer long.
 PRUNE_CHUNK = 2000
 PROCESS_NAME = f"{socket.gethostname()}:{os.getpid()}"
+# The writer process pays about 10 us of CPU per operation for the wire, to run on a
+# core of its own: below two CPUs there is none to win (app/store/writer_thread.py).
+PROCESS_WRITER_MIN_CPUS = 2.0
+
+
+def choose_writer(
+    mode: SqliteWriter, cpus: Callable[[], float] = available_cpus
+) -> type[GroupCommitWriter]:
+    """``SQLITE_WRITER``: "process", "thread", or "auto" (a process given two CPUs or more)."""
+    if mode == "process":
+        return ProcessWriter
+    if mode == "thread":
+        return ThreadWriter
+    return ProcessWriter if cpus() >= PROCESS_WRITER_MIN_CPUS else ThreadWriter
 
 
 def _token() -> str:
@@ -95,10 +114,12 @@ class SqliteStore:
         path: str | Path,
         *,
         batch_limit: int = 256,
+        writer: SqliteWriter = "auto",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
         self._batch_limit = batch_limit
+        self._writer_mode: SqliteWriter = writer
         # Only for bookkeeping stamps (updated_at) of calls that take no ``now``.
         self._clock = clock
         self._writer: GroupCommitWriter | None = None
@@ -116,7 +137,7 @@ class SqliteStore:
         # Before anything touches the file: voiding leases below is right only when no
         # other process holds any (app/store/lock.py).
         lock = DatabaseLock(self.path)
-        writer = GroupCommitWriter(self.path, batch_limit=self._batch_limit)
+        writer = choose_writer(self._writer_mode)(self.path, batch_limit=self._batch_limit)
         try:
             await writer.start()
         except BaseException:
@@ -124,6 +145,7 @@ class SqliteStore:
             raise
         self._lock = lock
         self._writer = writer
+        log.info("store.writer_started", writer=writer.kind, mode=self._writer_mode)
         voided = await self.run("void_orphaned_leases", _void_orphaned_leases)
         if voided:
             log.warning("store.orphaned_leases_released", count=voided)

@@ -1,5 +1,6 @@
-"""The SQLite writer: one child process owns the connection; coroutines hand it work
-and await the commit.
+"""The SQLite writer: one child process (or, on a host with fewer than two CPUs, one
+thread: ``app/store/writer_thread.py``) owns the connection; coroutines hand it work and
+await the commit. ``SQLITE_WRITER`` chooses; ``auto`` by the CPUs the service may use.
 
 Why one writer: SQLite allows one writer at a time, and ``sqlite3`` blocks. Serialising
 every operation (reads too) on one connection keeps the event loop free and makes the
@@ -13,7 +14,8 @@ from 0.61x to 0.78x the bare endpoint's throughput and end-to-end capacity 1.12x
 (docs/performance.md, step 14). The price: an operation must be picklable (a
 module-level function ``fn(conn, *args)``, picklable arguments and result), and the
 wire costs about 10 us of CPU per operation, so where the second core is not free
-(a load generator on the same two cores took one) the service is slower.
+(a load generator on the same two cores took one, or a one-CPU limit) the service is
+slower: hence the thread for a host that gives the service less than two CPUs.
 
 Group commit: the writer takes whatever has arrived (up to ``batch_limit``
 operations), runs the batch in ONE transaction with each operation in its own
@@ -43,6 +45,7 @@ survives a process kill and a power loss.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import itertools
@@ -54,11 +57,11 @@ import sqlite3
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, cast
 
 import structlog
 
@@ -193,6 +196,19 @@ class Request(NamedTuple):
         return fn, args
 
 
+class Runnable(Protocol):
+    """An operation as :func:`run_batch` takes it: a :class:`Request` off the wire, or
+    the thread writer's own (``app/store/writer_thread.py``), which is never pickled."""
+
+    @property
+    def key(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def savepoint(self) -> bool: ...
+    def load(self) -> tuple[Callable[..., Any], tuple[Any, ...]]: ...
+
+
 def unframe_requests(buffer: bytearray) -> list[Request]:
     """Take every complete request off the front of ``buffer`` (in the writer)."""
     requests: list[Request] = []
@@ -296,8 +312,8 @@ def _store_error(message: str, cause: BaseException) -> StoreError:
     return error
 
 
-def run_batch(conn: sqlite3.Connection, requests: list[Request]) -> Batch:
-    """Run ``requests`` in one transaction (in the writer process)."""
+def run_batch(conn: sqlite3.Connection, requests: Sequence[Runnable]) -> Batch:
+    """Run ``requests`` in one transaction (in the writer, a process or a thread)."""
     notes: list[Note] = []
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -308,7 +324,7 @@ def run_batch(conn: sqlite3.Connection, requests: list[Request]) -> Batch:
     return Batch(True, outcomes, _taken_notes() + notes)
 
 
-def _run_one(conn: sqlite3.Connection, request: Request, notes: list[Note]) -> Outcome:
+def _run_one(conn: sqlite3.Connection, request: Runnable, notes: list[Note]) -> Outcome:
     try:
         fn, args = request.load()
     except Exception as exc:  # noqa: BLE001 - unpickling can raise almost anything
@@ -339,7 +355,7 @@ def _run_one(conn: sqlite3.Connection, request: Request, notes: list[Note]) -> O
     return Outcome(request.key, result)
 
 
-def _failed(request: Request, exc: Exception, notes: list[Note]) -> Outcome:
+def _failed(request: Runnable, exc: Exception, notes: list[Note]) -> Outcome:
     """The caller's StoreError for an operation that raised (rolled back already)."""
     if isinstance(exc, StoreError):  # raised on purpose by the operation: already ours
         notes.append(Note("warning", "store.op_failed", {"op": request.name, "error": str(exc)}))
@@ -387,7 +403,7 @@ def _rollback_savepoint(conn: sqlite3.Connection) -> None:
 
 
 def _abort(
-    conn: sqlite3.Connection, requests: list[Request], exc: BaseException, notes: list[Note]
+    conn: sqlite3.Connection, requests: Sequence[Runnable], exc: BaseException, notes: list[Note]
 ) -> Batch:
     notes.append(Note("error", "store.batch_failed", {"ops": len(requests), "error": str(exc)}))
     if conn.in_transaction:
@@ -411,13 +427,16 @@ def _expire(future: asyncio.Future[Any], name: str, within: float) -> None:
         future.set_exception(StoreError(f"{name}: no answer within {within:g} s"))
 
 
-class GroupCommitWriter:
-    """The writer process, and the futures of the operations sent to it. ``commits``
-    counts committed transactions.
+class GroupCommitWriter(abc.ABC):
+    """What the store sees of its writer, a process (:class:`ProcessWriter`) or a thread
+    (:class:`app.store.writer_thread.ThreadWriter`): ``submit`` an operation, await its
+    commit. ``commits`` counts committed transactions.
 
     Single use: started once, stopped once (a store that reopens makes a new one). Bound
     to the event loop that started it.
     """
+
+    kind: ClassVar[str]
 
     def __init__(self, path: Path, *, batch_limit: int = 256) -> None:
         if batch_limit < 1:
@@ -427,25 +446,147 @@ class GroupCommitWriter:
         self.commits = 0
         self._keys = itertools.count(1)
         self._waiting: dict[int, tuple[str, asyncio.Future[Any]]] = {}
-        self._outbox: list[bytes] = []
         self._accepting = False
         self._started = False
-        self._serving = False  # the writer said Ready
+        self._serving = False  # the writer said it is ready
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._transport: asyncio.Transport | None = None
-        self._process: asyncio.subprocess.Process | None = None
         self._ready: asyncio.Future[None] | None = None
         self._gone: asyncio.Future[None] | None = None
         self._crash_report: asyncio.Task[None] | None = None
 
+    @abc.abstractmethod
     async def start(self) -> None:
-        """Start the writer process; returns once the database is open and migrated."""
+        """Start the writer; returns once the database is open and migrated."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Refuse new work, let the writer finish what was sent, wait for it to end."""
+
+    @abc.abstractmethod
+    def _post(
+        self, key: int, name: str, fn: Operation[Any], args: tuple[Any, ...], savepoint: bool
+    ) -> None:
+        """Hand one operation to the writer (a StoreError if it cannot be)."""
+
+    async def _crash_details(self) -> dict[str, Any]:
+        """What ``store.writer_crashed`` says of how the writer ended."""
+        return {}
+
+    def _begin(self) -> asyncio.AbstractEventLoop:
         if self._started:
             raise StoreError("the store writer was already started")
         self._started = True
         loop = self._loop = asyncio.get_running_loop()
         self._ready, self._gone = loop.create_future(), loop.create_future()
+        return loop
+
+    async def exited(self) -> bool:
+        """Wait until the writer has gone; True if nobody asked it to (a crash: the
+        service cannot work without it)."""
+        assert self._gone is not None
+        await asyncio.shield(self._gone)
+        return not self._stopping
+
+    async def submit(
+        self,
+        name: str,
+        fn: Operation[T],
+        *args: Any,
+        savepoint: bool = True,
+        within: float | None = None,
+    ) -> T:
+        """Run ``fn(connection, *args)`` in the next batch; return once that batch
+        committed.
+
+        ``savepoint=False``: see the module docstring (for an operation whose failure
+        after a write is not an expected outcome). ``within``: seconds after which the
+        caller gets a StoreError instead of waiting on; the operation itself still runs
+        (and may commit) when its turn comes.
+        """
+        loop = self._loop
+        if not self._accepting or loop is None:
+            raise StoreError(f"{name}: the store is closed")
+        key = next(self._keys)
+        self._post(key, name, fn, args, savepoint)
+        future: asyncio.Future[Any] = loop.create_future()
+        # Answers are handled on this loop, so none can arrive before this line.
+        self._waiting[key] = (name, future)
+        if within is None:
+            return cast(T, await future)
+        # A timer on the future rather than asyncio.timeout(): that one's task
+        # cancellation machinery was 5% of the event loop's time on the ingest path.
+        expiry = loop.call_later(within, _expire, future, name, within)
+        try:
+            return cast(T, await future)
+        finally:
+            expiry.cancel()
+
+    # --- called on the loop when the writer has something to say --------------------------
+
+    def _serve(self, migrations: list[str]) -> None:
+        """The database is open and migrated."""
+        for version in migrations:
+            log.info("store.migration.applied", version=version)
+        _resolve(self._ready)
+
+    def _answer(self, batch: Batch) -> None:
+        if batch.committed:
+            self.commits += 1
+        for note in batch.notes:
+            logger = log if note.logger == log_name else get_logger(note.logger)
+            try:
+                getattr(logger, note.level, logger.warning)(note.event, **note.fields)
+            except Exception as exc:  # noqa: BLE001 - a line that cannot be written is not a crash
+                log.warning("store.note_unwritable", event_name=note.event, error=repr(exc))
+        for outcome in batch.outcomes:
+            waiting = self._waiting.pop(outcome.key, None)
+            if waiting is None or waiting[1].done():  # the caller stopped waiting
+                continue
+            future = waiting[1]
+            if outcome.error is None:
+                future.set_result(outcome.result)
+            else:
+                if outcome.cause is not None:
+                    outcome.error.__cause__ = outcome.cause
+                future.set_exception(outcome.error)
+
+    def _lost(self) -> None:
+        """The writer has ended (asked to, or not)."""
+        self._accepting = False
+        crashed = self._serving and not self._stopping
+        _resolve(self._ready, StoreError(f"{self.path}: the store writer exited at start-up"))
+        message = "the store is closed" if self._stopping else "the store writer exited"
+        waiting, self._waiting = self._waiting, {}
+        for name, future in waiting.values():
+            if not future.done():
+                future.set_exception(StoreError(f"{name}: {message}"))
+        if crashed and self._loop is not None:
+            self._crash_report = self._loop.create_task(self._report_crash())
+        else:
+            _resolve(self._gone)
+
+    async def _report_crash(self) -> None:
+        """Log the writer's end and how it ended, then let ``exited()`` return."""
+        details = await self._crash_details()
+        log.critical("store.writer_crashed", path=str(self.path), writer=self.kind, **details)
+        _resolve(self._gone)
+
+
+class ProcessWriter(GroupCommitWriter):
+    """The writer as a child process (``app/store/writer_process.py``), over a socketpair."""
+
+    kind = "process"
+
+    def __init__(self, path: Path, *, batch_limit: int = 256) -> None:
+        super().__init__(path, batch_limit=batch_limit)
+        self._outbox: list[bytes] = []
+        self._transport: asyncio.Transport | None = None
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        loop = self._begin()
+        assert self._ready is not None
         ours, theirs = socket.socketpair()
         try:
             self._process = await asyncio.create_subprocess_exec(
@@ -470,7 +611,6 @@ class GroupCommitWriter:
         self._serving = self._accepting = True
 
     async def stop(self) -> None:
-        """Refuse new work, let the writer finish what was sent, wait for it to exit."""
         if self._transport is None or self._stopping:
             return
         self._accepting = False
@@ -486,115 +626,39 @@ class GroupCommitWriter:
         await asyncio.shield(self._gone)
         await self._process.wait()
 
-    async def exited(self) -> bool:
-        """Wait until the writer process has gone; True if nobody asked it to (a crash:
-        the service cannot work without it)."""
-        assert self._gone is not None
-        await asyncio.shield(self._gone)
-        return not self._stopping
-
-    async def submit(
-        self,
-        name: str,
-        fn: Operation[T],
-        *args: Any,
-        savepoint: bool = True,
-        within: float | None = None,
-    ) -> T:
-        """Run ``fn(connection, *args)`` in the next batch; return once that batch
-        committed.
-
-        ``savepoint=False``: see the module docstring (for an operation whose failure
-        after a write is not an expected outcome). ``within``: seconds after which the
-        caller gets a StoreError instead of waiting on; the operation itself still runs
-        (and may commit) when its turn comes.
-        """
-        if not self._accepting or self._loop is None:
-            raise StoreError(f"{name}: the store is closed")
-        key = next(self._keys)
+    def _post(
+        self, key: int, name: str, fn: Operation[Any], args: tuple[Any, ...], savepoint: bool
+    ) -> None:
         try:
             operation = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
             message = Request(key, name, operation, savepoint).encode()
         except Exception as exc:  # pickling can raise almost anything
             raise _store_error(f"{name}: cannot be sent to the store writer: {exc}", exc) from exc
-        loop = self._loop
-        future: asyncio.Future[Any] = loop.create_future()
-        self._waiting[key] = (name, future)
         if not self._outbox:  # one write per loop iteration, whatever was submitted in it
-            loop.call_soon(self._flush)
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
         self._outbox.append(message)
-        if within is None:
-            return cast(T, await future)
-        # A timer on the future rather than asyncio.timeout(): that one's task
-        # cancellation machinery was 5% of the event loop's time on the ingest path.
-        expiry = loop.call_later(within, _expire, future, name, within)
-        try:
-            return cast(T, await future)
-        finally:
-            expiry.cancel()
 
     def _flush(self) -> None:
         if self._outbox and self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(self._outbox))
         self._outbox = []
 
-    # --- called by the channel ----------------------------------------------------------
-
     def _received(self, message: Any) -> None:
         if isinstance(message, tuple) and message[0] == "batch":
             _, committed, outcomes, notes = message
             self._answer(Batch(committed, [Outcome(*o) for o in outcomes], notes))
         elif isinstance(message, Ready):
-            for version in message.migrations:
-                log.info("store.migration.applied", version=version)
-            _resolve(self._ready)
+            self._serve(message.migrations)
         elif isinstance(message, Failed):
             _resolve(self._ready, StoreError(message.message))
 
-    def _answer(self, batch: Batch) -> None:
-        if batch.committed:
-            self.commits += 1
-        for note in batch.notes:
-            logger = log if note.logger == log_name else get_logger(note.logger)
-            try:
-                getattr(logger, note.level, logger.warning)(note.event, **note.fields)
-            except Exception as exc:  # noqa: BLE001 - a line that cannot be written is not a crash
-                log.warning("store.note_unwritable", event_name=note.event, error=repr(exc))
-        for outcome in batch.outcomes:
-            waiting = self._waiting.pop(outcome.key, None)
-            if waiting is None or waiting[1].done():  # the caller stopped waiting
-                continue
-            future = waiting[1]
-            if outcome.error is None:
-                future.set_result(outcome.result)
-            else:
-                if outcome.cause is not None:
-                    outcome.error.__cause__ = outcome.cause
-                future.set_exception(outcome.error)
-
-    def _lost(self) -> None:
-        """The writer's end closed: it exited (asked to, or not)."""
-        self._accepting = False
-        crashed = self._serving and not self._stopping
-        _resolve(self._ready, StoreError(f"{self.path}: the store writer exited at start-up"))
-        message = "the store is closed" if self._stopping else "the store writer exited"
-        waiting, self._waiting = self._waiting, {}
-        for name, future in waiting.values():
-            if not future.done():
-                future.set_exception(StoreError(f"{name}: {message}"))
-        if crashed and self._loop is not None:
-            self._crash_report = self._loop.create_task(self._report_crash())
-        else:
-            _resolve(self._gone)
-
-    async def _report_crash(self) -> None:
-        """Log the writer's end with its exit status, then let ``exited()`` return."""
+    async def _crash_details(self) -> dict[str, Any]:
         exit_code = None
         if self._process is not None:
             with contextlib.suppress(TimeoutError):
                 exit_code = await asyncio.wait_for(self._process.wait(), _REAP_SECONDS)
-        log.critical("store.writer_crashed", path=str(self.path), exit_code=exit_code)
-        _resolve(self._gone)
+        return {"exit_code": exit_code}
 
 
 # How long a crashed writer's exit status is waited for (it is reaped by then).
@@ -613,7 +677,7 @@ def _resolve(future: asyncio.Future[None] | None, error: BaseException | None = 
 class _Channel(asyncio.Protocol):
     """The service's end of the socket to its writer process."""
 
-    def __init__(self, writer: GroupCommitWriter) -> None:
+    def __init__(self, writer: ProcessWriter) -> None:
         self._writer = writer
         self._buffer = bytearray()
 

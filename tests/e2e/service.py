@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,16 @@ def service_env(clopos_url: str, db_path: Path, **extra: str) -> dict[str, str]:
 class ServiceProcess:
     """One run of the service; ``log_path`` collects its stderr (JSON lines)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        port: int | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        """``prefix``: a command the service runs under (``taskset -c 0``, say)."""
         self.env = env
+        self.prefix = list(prefix)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -65,8 +74,9 @@ class ServiceProcess:
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
         log_file = self.log_path.open("ab")
+        serve = ["serve", "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [*self.prefix, sys.executable, "-m", "app", *serve],
             cwd=ROOT,
             env=self.env,
             stdout=log_file,

@@ -108,7 +108,8 @@ def test_a_dead_store_writer_stops_the_service_for_a_restart(
     the service cannot work, so it exits 1 at once for the orchestrator to restart it,
     rather than answering 503 for ever. The restart loses nothing."""
     db = tmp_path / "hydrator.db"
-    first = ServiceProcess(service_env(clopos.url, db), tmp_path / "first.log").start()
+    env = {**service_env(clopos.url, db), "SQLITE_WRITER": "process"}
+    first = ServiceProcess(env, tmp_path / "first.log").start()
     try:
         assert first.proc is not None
         notify(first, 1001)
@@ -125,6 +126,39 @@ def test_a_dead_store_writer_stops_the_service_for_a_restart(
     second = ServiceProcess(service_env(clopos.url, db), tmp_path / "second.log").start()
     try:
         notify(second, 1002)
+        assert wait_until(lambda: logged(second, 1002) == 1, timeout=15), second.tail()
+    finally:
+        second.stop()
+
+
+def test_on_one_cpu_the_writer_is_a_thread_and_nothing_is_lost_to_a_kill(
+    tmp_path: Path, clopos: Clopos
+) -> None:
+    """SQLITE_WRITER=auto on one CPU (``taskset``: a container's limit reads the same way
+    through its cgroup quota): no second core for a writer process to run on, so the
+    writer is a thread. The service delivers, a kill -9 loses nothing acknowledged, and
+    the restart (on one CPU again) delivers the rest."""
+    db = tmp_path / "hydrator.db"
+    one_cpu = ["taskset", "-c", "0"]
+    first = ServiceProcess(service_env(clopos.url, db), tmp_path / "first.log", prefix=one_cpu)
+    first.start()
+    try:
+        assert first.proc is not None
+        notify(first, 1001)
+        assert wait_until(lambda: logged(first, 1001) == 1, timeout=15), first.tail()
+        assert child_pids(first.proc.pid) == [], "no writer process"
+        clopos.state.inject("hang")  # 1002's fetch hangs: acknowledged, not delivered
+        notify(first, 1002)
+        assert wait_until(lambda: not clopos.state.pending_faults()["orders"], timeout=15)
+        assert first.kill() == -signal.SIGKILL
+    finally:
+        first.stop()
+    (started,) = log_events(first.log_path, "store.writer_started")
+    assert (started["writer"], started["mode"]) == ("thread", "auto"), started
+
+    second = ServiceProcess(service_env(clopos.url, db), tmp_path / "second.log", prefix=one_cpu)
+    second.start()
+    try:
         assert wait_until(lambda: logged(second, 1002) == 1, timeout=15), second.tail()
     finally:
         second.stop()
