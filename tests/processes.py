@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -15,6 +16,15 @@ def child_pids(pid: int) -> list[int]:
         with contextlib.suppress(FileNotFoundError):  # a thread that has just ended
             children += [int(child) for child in tasks.read_text().split()]
     return children
+
+
+def open_files(pid: int) -> dict[int, str]:
+    """What each descriptor of ``pid`` refers to (a path, or e.g. "socket:[123]")."""
+    files = {}
+    for link in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+            files[int(link.name)] = os.readlink(link)
+    return files
 
 
 def exited(pid: int, *, within: float) -> bool:

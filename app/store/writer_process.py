@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import importlib
 import os
+import resource
 import signal
 import socket
 import sys
@@ -124,8 +125,23 @@ def serve(path: Path, channel: _Socket, batch_limit: int) -> None:
         conn.close()
 
 
+def _close_inherited(keep: int) -> None:
+    """Close every descriptor but stdio and the socket: uvloop's spawn passes on those
+    of the service that are not close-on-exec (its pipes, say), and a writer holding a
+    pipe's end keeps its reader from seeing end-of-file."""
+    try:
+        inherited = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: every possible descriptor
+        inherited = list(range(resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+    for fd in inherited:
+        if fd > 2 and fd != keep:
+            with contextlib.suppress(OSError):  # listdir's own, closed already
+                os.close(fd)
+
+
 def main(argv: list[str]) -> int:
     path, fd, batch_limit, parent = argv
+    _close_inherited(int(fd))
     _die_with_parent(int(parent))
     capture_logs()
     sock = socket.socket(fileno=int(fd))

@@ -25,7 +25,7 @@ from tests.e2e.service import (
     service_env,
     wait_until,
 )
-from tests.processes import child_pids
+from tests.processes import child_pids, open_files
 from tests.servers import free_port
 
 
@@ -115,6 +115,11 @@ def test_a_dead_store_writer_stops_the_service_for_a_restart(
         notify(first, 1001)
         assert wait_until(lambda: logged(first, 1001) == 1, timeout=15), first.tail()
         (writer,) = child_pids(first.proc.pid)
+        # Nothing of the service's but stdio: the socket to it and the database's files.
+        others = {fd: f for fd, f in open_files(writer).items() if fd > 2}
+        sockets = [f for f in others.values() if f.startswith("socket:")]
+        assert len(sockets) == 1, others
+        assert all(f in sockets or f.startswith(str(db)) for f in others.values()), others
         os.kill(writer, signal.SIGKILL)
         assert first.proc.wait(timeout=20) == 1, first.tail()
     finally:
