@@ -51,6 +51,44 @@ def test_unreadable_or_malformed_limits_are_ignored(tmp_path: Path) -> None:
     assert cgroup_quota(root, proc) == 2.0
 
 
+@pytest.mark.parametrize("line", ["0::", "0::relative/path", "garbage", "0::/ctr\x00"])
+def test_a_malformed_proc_cgroup_is_no_limit(tmp_path: Path, line: str) -> None:
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text(line + "\n")
+    assert cgroup_quota(tmp_path / "cgroup", proc) is None
+    assert available_cpus(tmp_path / "cgroup", proc) == len(os.sched_getaffinity(0))
+
+
+def test_without_sched_getaffinity_the_cpu_count_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert available_cpus(tmp_path, tmp_path / "none") == 3.0
+
+
+def _v1(folder: Path, quota: int, period: int = 100000) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+    (folder / "cpu.cfs_period_us").write_text(f"{period}\n")
+
+
+def test_a_v1_quota_down_the_tree_counts_as_on_a_host(tmp_path: Path) -> None:
+    """A v1 host: systemd's CPUQuota= on the service's own slice."""
+    root = tmp_path / "cgroup"
+    _v1(root / "cpu,cpuacct", -1)
+    _v1(root / "cpu,cpuacct" / "system.slice" / "hydrator.service", 50000)
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("4:cpu,cpuacct:/system.slice/hydrator.service\n0::/\n")
+    assert cgroup_quota(root, proc) == 0.5
+
+
+def test_a_v1_quota_is_read_without_proc(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    _v1(root / "cpu", 100000)
+    assert cgroup_quota(root, tmp_path / "no-proc") == 1.0
+
+
 def test_a_v1_quota_counts(tmp_path: Path) -> None:
     root = tmp_path / "cgroup"
     (root / "cpu").mkdir(parents=True)

@@ -4,6 +4,7 @@ failure isolation inside a batch, lifecycle, and the DATABASE_URL forms."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from app.errors import ConfigError, StoreError, StoreInUseError
 from app.logs import configure_logging
 from app.store import open_store, sql, sqlite_listed, sqlite_path
 from app.store.base import DeadLetterFilter, NewSnapshot, Notification
+from app.store.lock import lock_path
 from app.store.postgres import PostgresStore
 from app.store.sqlite import SqliteStore
 from app.store.sqlite import _enqueue as sqlite_enqueue
@@ -453,6 +456,141 @@ async def test_an_op_the_writer_cannot_load_fails_alone(
     assert not (await good).duplicate
     assert not (await more).duplicate
     assert await process_store.run("count", _count_notifications) == 2
+
+
+def _sleep(conn: sqlite3.Connection, seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+def _logged(logs: io.StringIO, event: str) -> list[dict[str, Any]]:
+    return [e for e in map(json.loads, logs.getvalue().splitlines()) if e["event"] == event]
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_a_second_stop_waits_for_the_first(tmp_path: Path, writer: str) -> None:
+    store = SqliteStore(tmp_path / "store.db", writer=writer)  # type: ignore[arg-type]
+    await store.open()
+    backend = store._writer
+    assert backend is not None
+    slow = asyncio.create_task(store.run("sleep", _sleep, 0.3))
+    await asyncio.sleep(0.05)
+    first = asyncio.create_task(backend.stop())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(backend.stop(), 10)
+    assert slow.done(), "the second stop returned while the writer still worked"
+    assert await slow == "slept"
+    await first
+    await store.close()
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_the_batch_limit_bounds_each_transaction(tmp_path: Path, writer: str) -> None:
+    store = SqliteStore(tmp_path / "store.db", writer=writer, batch_limit=2)  # type: ignore[arg-type]
+    await store.open()
+    try:
+        gate = Gate(tmp_path)
+        held = await gate.hold(store)
+        before = store.commits
+        queued = [asyncio.create_task(store.enqueue(notice(i))) for i in range(1, 6)]
+        await gate.let_through(held)
+        await asyncio.gather(*queued)
+        assert store.commits - before == 1 + 3, "the gate's batch, then 5 in batches of 2"
+    finally:
+        await store.close()
+
+
+async def test_a_failure_to_choose_the_writer_releases_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(mode: str) -> None:
+        raise StoreError("no writer for you")
+
+    monkeypatch.setattr("app.store.sqlite.choose_writer", broken)
+    with pytest.raises(StoreError, match="no writer for you"):
+        await SqliteStore(tmp_path / "store.db").open()
+    # Released: another open file description may take it (as another process would).
+    fd = os.open(lock_path(tmp_path / "store.db"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+
+async def test_a_thread_that_cannot_start_is_a_store_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    store = SqliteStore(tmp_path / "store.db", writer="thread")
+    with pytest.raises(StoreError, match="cannot start the store writer"):
+        await asyncio.wait_for(store.open(), 10)
+    monkeypatch.undo()
+    await asyncio.wait_for(store.close(), 10)
+    await store.open()  # and nothing was left holding the file
+    await store.close()
+
+
+async def test_whatever_stops_the_thread_opening_reaches_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(conn: sqlite3.Connection) -> list[str]:
+        raise SystemExit(3)
+
+    monkeypatch.setattr("app.store.writer_thread.migrate", interrupted)
+    store = SqliteStore(tmp_path / "store.db", writer="thread")
+    with pytest.raises(StoreError, match="SystemExit"):
+        await asyncio.wait_for(store.open(), 10)
+
+
+async def test_a_thread_that_dies_while_stopping_is_logged(tmp_path: Path) -> None:
+    logs = io.StringIO()
+    configure_logging(fmt="json", level="info", secrets=[], stream=logs)
+    store = SqliteStore(tmp_path / "store.db", writer="thread")
+    await store.open()
+    gate = Gate(tmp_path)
+    held = await gate.hold(store)
+    dying = asyncio.create_task(store.run("die", _die))
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(store.close())
+    await gate.let_through(held)
+    await asyncio.wait_for(closing, 10)
+    with pytest.raises(StoreError):
+        await dying
+    (crash,) = _logged(logs, "store.writer_crashed")
+    assert crash["error"] == "SystemExit(7)", crash
+
+
+async def test_a_cancelled_thread_start_leaves_no_thread(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.db", writer="thread")
+    opening = asyncio.create_task(store.open())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0.001)
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(opening, 10)
+    assert "store-writer" not in [t.name for t in threading.enumerate()]
+
+
+class _Unpicklable(Exception):
+    def __reduce__(self) -> Any:
+        raise TypeError("not this one")
+
+
+def _raise_unpicklable(conn: sqlite3.Connection) -> None:
+    raise _Unpicklable("why")
+
+
+async def test_the_cause_of_a_failure_is_kept(sqlite_store: SqliteStore) -> None:
+    """The thread passes the cause as it is; the process only if it pickles."""
+    with pytest.raises(StoreError, match="why") as failed:
+        await sqlite_store.run("unpicklable", _raise_unpicklable)
+    if sqlite_store._writer_mode == "thread":
+        assert isinstance(failed.value.__cause__, _Unpicklable)
+    else:
+        assert failed.value.__cause__ is None
 
 
 async def test_a_start_given_up_on_leaves_no_writer_behind(tmp_path: Path) -> None:

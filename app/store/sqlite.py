@@ -137,8 +137,8 @@ class SqliteStore:
         # Before anything touches the file: voiding leases below is right only when no
         # other process holds any (app/store/lock.py).
         lock = DatabaseLock(self.path)
-        writer = choose_writer(self._writer_mode)(self.path, batch_limit=self._batch_limit)
         try:
+            writer = choose_writer(self._writer_mode)(self.path, batch_limit=self._batch_limit)
             await writer.start()
         except BaseException:
             lock.release()

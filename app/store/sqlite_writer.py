@@ -227,14 +227,22 @@ def unframe_requests(buffer: bytearray) -> list[Request]:
 
 
 class Outcome(NamedTuple):
-    """What became of one request: its result, or its error (with the error's cause
-    when that pickles: ``__cause__`` itself does not cross a pickle). Sent as a plain
-    tuple."""
+    """What became of one request: its result, or its error and the error's cause
+    (``__cause__`` itself does not cross a pickle; on the wire, the cause only if it
+    pickles). Sent as a plain tuple."""
 
     key: int
     result: Any = None
     error: StoreError | None = None
     cause: BaseException | None = None
+
+    def wire(self) -> tuple[int, Any, StoreError | None, BaseException | None]:
+        return (
+            self.key,
+            self.result,
+            self.error,
+            None if self.cause is None else _plain(self.cause),
+        )
 
 
 @dataclass(frozen=True)
@@ -296,7 +304,7 @@ class Batch(NamedTuple):
 
     def wire(self) -> tuple[str, bool, list[tuple[Any, ...]], list[Note]]:
         """As sent: plain tuples, which pickle several times faster than classes."""
-        return ("batch", self.committed, [tuple(o) for o in self.outcomes], self.notes)
+        return ("batch", self.committed, [o.wire() for o in self.outcomes], self.notes)
 
 
 # --- the writer's side: one batch, one transaction ------------------------------------------
@@ -362,10 +370,10 @@ def _failed(request: Runnable, exc: Exception, notes: list[Note]) -> Outcome:
         return Outcome(request.key, error=exc)
     if isinstance(exc, sqlite3.Error):
         notes.append(Note("warning", "store.op_failed", {"op": request.name, "error": str(exc)}))
-        return Outcome(request.key, error=StoreError(f"{request.name}: {exc}"), cause=_plain(exc))
+        return Outcome(request.key, error=StoreError(f"{request.name}: {exc}"), cause=exc)
     notes.append(Note("error", "store.op_crashed", {"op": request.name, "error": repr(exc)}))
     error = StoreError(f"{request.name}: {type(exc).__name__}: {exc}")
-    return Outcome(request.key, error=error, cause=_plain(exc))
+    return Outcome(request.key, error=error, cause=exc)
 
 
 def sendable(batch: Batch, requests: list[Request]) -> Batch:
@@ -376,7 +384,7 @@ def sendable(batch: Batch, requests: list[Request]) -> Batch:
     outcomes = []
     for outcome in batch.outcomes:
         try:
-            pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dumps(outcome.wire(), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - pickling can raise almost anything
             state = "committed" if batch.committed else "not committed"
             message = f"{names.get(outcome.key)}: {state}, but its result cannot be sent back"
@@ -412,7 +420,7 @@ def _abort(
         except sqlite3.Error as rollback_exc:
             notes.append(Note("error", "store.rollback_failed", {"error": str(rollback_exc)}))
     outcomes = [
-        Outcome(r.key, error=StoreError(f"{r.name}: not committed: {exc}"), cause=_plain(exc))
+        Outcome(r.key, error=StoreError(f"{r.name}: not committed: {exc}"), cause=exc)
         for r in requests
     ]
     # What the operations logged stands: it happened, even if it was not committed.
@@ -472,6 +480,10 @@ class GroupCommitWriter(abc.ABC):
     async def _crash_details(self) -> dict[str, Any]:
         """What ``store.writer_crashed`` says of how the writer ended."""
         return {}
+
+    def _ended_by_error(self) -> bool:
+        """Whether the writer is known to have ended on an error even if asked to stop."""
+        return False
 
     def _begin(self) -> asyncio.AbstractEventLoop:
         if self._started:
@@ -554,7 +566,7 @@ class GroupCommitWriter(abc.ABC):
     def _lost(self) -> None:
         """The writer has ended (asked to, or not)."""
         self._accepting = False
-        crashed = self._serving and not self._stopping
+        crashed = self._serving and (not self._stopping or self._ended_by_error())
         _resolve(self._ready, StoreError(f"{self.path}: the store writer exited at start-up"))
         message = "the store is closed" if self._stopping else "the store writer exited"
         waiting, self._waiting = self._waiting, {}
@@ -611,13 +623,14 @@ class ProcessWriter(GroupCommitWriter):
         self._serving = self._accepting = True
 
     async def stop(self) -> None:
-        if self._transport is None or self._stopping:
+        if self._transport is None:
             return
-        self._accepting = False
-        self._stopping = True
-        self._flush()
-        if self._transport.can_write_eof() and not self._transport.is_closing():
-            self._transport.write_eof()  # the writer runs what it has, then exits
+        if not self._stopping:
+            self._accepting = False
+            self._stopping = True
+            self._flush()
+            if self._transport.can_write_eof() and not self._transport.is_closing():
+                self._transport.write_eof()  # the writer runs what it has, then exits
         await self._reap()
 
     async def _reap(self) -> None:

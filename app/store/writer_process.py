@@ -37,6 +37,7 @@ _PR_SET_PDEATHSIG = 1
 # Where the store's operations and what they are sent live (a list page's render).
 _OPERATION_MODULES = ("app.store.sqlite", "app.snapshot")
 _READ_SIZE = 1 << 20
+_MAX_FDS = 1 << 16  # closed without /proc when the limit is higher or unlimited
 
 
 class _Socket:
@@ -131,8 +132,11 @@ def _close_inherited(keep: int) -> None:
     pipe's end keeps its reader from seeing end-of-file."""
     try:
         inherited = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:  # no /proc: every possible descriptor
-        inherited = list(range(resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+    except OSError:  # no /proc: every descriptor there may be
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        os.closerange(3, keep)
+        os.closerange(keep + 1, limit if 0 < limit <= _MAX_FDS else _MAX_FDS)
+        return
     for fd in inherited:
         if fd > 2 and fd != keep:
             with contextlib.suppress(OSError):  # listdir's own, closed already

@@ -9,9 +9,12 @@ with the process, and 0.180 against 0.210 CPU ms per request (docs/performance.m
 step 15).
 
 Same batches (:func:`~app.store.sqlite_writer.run_batch`), same promises. The
-differences: nothing is pickled (an operation's arguments and result are passed as
-they are), an operation's log lines are written directly by the thread, and the writer
-ends with the service's process whatever kills it.
+differences: nothing is pickled, so an operation's arguments and result are the
+caller's own objects, not copies (the store's operations take and return plain values;
+an operation passed to ``SqliteStore.run`` must not return a cursor or a row, which
+belong to the writer's connection, nor keep its arguments); an operation's log lines
+are written directly by the thread; and the writer ends with the service's process
+whatever kills it.
 """
 
 from __future__ import annotations
@@ -67,10 +70,12 @@ class ThreadWriter(GroupCommitWriter):
     async def start(self) -> None:
         loop = self._begin()
         assert self._ready is not None
-        self._thread = threading.Thread(
-            target=self._main, args=(loop,), name="store-writer", daemon=True
-        )
-        self._thread.start()
+        thread = threading.Thread(target=self._main, args=(loop,), name="store-writer", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of threads or memory
+            raise _store_error(f"{self.path}: cannot start the store writer: {exc}", exc) from exc
+        self._thread = thread
         try:
             await self._ready
         except BaseException:  # it failed, or the caller gave up (cancelled)
@@ -82,11 +87,12 @@ class ThreadWriter(GroupCommitWriter):
         self._serving = self._accepting = True
 
     async def stop(self) -> None:
-        if self._thread is None or self._stopping:
+        if self._thread is None:
             return
-        self._accepting = False
-        self._stopping = True
-        self._queue.put(_STOP)  # submit() runs on this loop too: nothing can follow it
+        if not self._stopping:
+            self._accepting = False
+            self._stopping = True
+            self._queue.put(_STOP)  # submit() runs on this loop too: nothing can follow it
         assert self._gone is not None
         await asyncio.shield(self._gone)
 
@@ -94,6 +100,9 @@ class ThreadWriter(GroupCommitWriter):
         self, key: int, name: str, fn: Operation[Any], args: tuple[Any, ...], savepoint: bool
     ) -> None:
         self._queue.put(_Local(key, name, fn, args, savepoint))
+
+    def _ended_by_error(self) -> bool:
+        return self._error is not None
 
     async def _crash_details(self) -> dict[str, Any]:
         return {"error": repr(self._error), "exc_info": self._error}
@@ -108,8 +117,9 @@ class ThreadWriter(GroupCommitWriter):
             except BaseException:
                 conn.close()
                 raise
-        except Exception as exc:  # noqa: BLE001 - every reason to fail reaches start()
-            error = _store_error(f"{self.path}: {exc}", exc)
+        # Every reason to fail reaches start(), which would otherwise wait for ever.
+        except BaseException as exc:  # noqa: BLE001
+            error = _store_error(f"{self.path}: {exc!r}", exc)
             self._call(loop, _resolve, self._ready, error)
             self._call(loop, self._lost)
             return

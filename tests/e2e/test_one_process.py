@@ -139,12 +139,12 @@ def test_a_dead_store_writer_stops_the_service_for_a_restart(
 def test_on_one_cpu_the_writer_is_a_thread_and_nothing_is_lost_to_a_kill(
     tmp_path: Path, clopos: Clopos
 ) -> None:
-    """SQLITE_WRITER=auto on one CPU (``taskset``: a container's limit reads the same way
+    """SQLITE_WRITER=auto on one CPU (``taskset``; a container's limit reads the same way
     through its cgroup quota): no second core for a writer process to run on, so the
     writer is a thread. The service delivers, a kill -9 loses nothing acknowledged, and
     the restart (on one CPU again) delivers the rest."""
     db = tmp_path / "hydrator.db"
-    one_cpu = ["taskset", "-c", "0"]
+    one_cpu = ["taskset", "-c", str(min(os.sched_getaffinity(0)))]
     first = ServiceProcess(service_env(clopos.url, db), tmp_path / "first.log", prefix=one_cpu)
     first.start()
     try:
