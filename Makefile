@@ -38,8 +38,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two workers (pytest-xdist); TEST_WORKERS=0 runs every test in this one process.
+TEST_WORKERS ?= 2
 unit: $(STAMP)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The alert-rule tests need promtool: installed here when missing and possible (root with
 # apt-get, as in CI); otherwise .ci/ensure-promtool says so and those tests skip.
