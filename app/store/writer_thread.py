@@ -53,6 +53,9 @@ class _Local(NamedTuple):
 
 
 _STOP = None  # put last by stop(): the thread runs what came before, then ends
+# How long stop() waits for a thread that has said its last word to return (it blocks
+# the loop, but the thread has only its return left).
+_JOIN_SECONDS = 1.0
 
 
 class ThreadWriter(GroupCommitWriter):
@@ -81,8 +84,7 @@ class ThreadWriter(GroupCommitWriter):
         except BaseException:  # it failed, or the caller gave up (cancelled)
             self._stopping = True
             self._queue.put(_STOP)
-            assert self._gone is not None
-            await asyncio.shield(self._gone)
+            await self._ended()
             raise
         self._serving = self._accepting = True
 
@@ -93,8 +95,15 @@ class ThreadWriter(GroupCommitWriter):
             self._accepting = False
             self._stopping = True
             self._queue.put(_STOP)  # submit() runs on this loop too: nothing can follow it
+        await self._ended()
+
+    async def _ended(self) -> None:
+        """Wait for the thread's last word, then for the thread itself, which has only
+        to return by then (so no writer thread outlives stop(), even for an instant)."""
         assert self._gone is not None
         await asyncio.shield(self._gone)
+        if self._thread is not None:
+            self._thread.join(_JOIN_SECONDS)
 
     def _post(
         self, key: int, name: str, fn: Operation[Any], args: tuple[Any, ...], savepoint: bool
