@@ -463,13 +463,54 @@ class GroupCommitWriter(abc.ABC):
         self._gone: asyncio.Future[None] | None = None
         self._crash_report: asyncio.Task[None] | None = None
 
-    @abc.abstractmethod
     async def start(self) -> None:
         """Start the writer; returns once the database is open and migrated."""
+        if self._started:
+            raise StoreError("the store writer was already started")
+        self._started = True
+        loop = self._loop = asyncio.get_running_loop()
+        self._ready, self._gone = loop.create_future(), loop.create_future()
+        await self._launch(loop)
+        try:
+            await self._ready
+        except BaseException:  # it failed, or the caller gave up (cancelled): no orphan
+            self._stopping = True
+            self._abandon()
+            await self._wait_ended()
+            raise
+        self._serving = self._accepting = True
 
     @abc.abstractmethod
+    async def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the writer (a StoreError if it cannot be). It opens the database, then
+        says so through ``_serve``, or fails through ``_ready``."""
+
+    def _abandon(self) -> None:
+        """End a writer that start() gave up on."""
+        self._ask_to_stop()
+
     async def stop(self) -> None:
-        """Refuse new work, let the writer finish what was sent, wait for it to end."""
+        """Refuse new work, let the writer finish what was sent, wait for it to end (a
+        second call waits too)."""
+        if not self._launched():
+            return
+        if not self._stopping:
+            self._accepting = False
+            self._stopping = True
+            self._ask_to_stop()
+        await self._wait_ended()
+
+    @abc.abstractmethod
+    def _launched(self) -> bool:
+        """Whether a writer was started: there is one to stop."""
+
+    @abc.abstractmethod
+    def _ask_to_stop(self) -> None:
+        """Tell the writer to end once it has run what it was sent."""
+
+    @abc.abstractmethod
+    async def _wait_ended(self) -> None:
+        """Until the writer has ended (its last answer handled)."""
 
     @abc.abstractmethod
     def _post(
@@ -484,14 +525,6 @@ class GroupCommitWriter(abc.ABC):
     def _ended_by_error(self) -> bool:
         """Whether the writer is known to have ended on an error even if asked to stop."""
         return False
-
-    def _begin(self) -> asyncio.AbstractEventLoop:
-        if self._started:
-            raise StoreError("the store writer was already started")
-        self._started = True
-        loop = self._loop = asyncio.get_running_loop()
-        self._ready, self._gone = loop.create_future(), loop.create_future()
-        return loop
 
     async def exited(self) -> bool:
         """Wait until the writer has gone; True if nobody asked it to (a crash: the
@@ -596,9 +629,7 @@ class ProcessWriter(GroupCommitWriter):
         self._transport: asyncio.Transport | None = None
         self._process: asyncio.subprocess.Process | None = None
 
-    async def start(self) -> None:
-        loop = self._begin()
-        assert self._ready is not None
+    async def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
         ours, theirs = socket.socketpair()
         try:
             self._process = await asyncio.create_subprocess_exec(
@@ -613,27 +644,21 @@ class ProcessWriter(GroupCommitWriter):
         finally:
             theirs.close()
         self._transport, _ = await loop.create_connection(lambda: _Channel(self), sock=ours)
-        try:
-            await self._ready
-        except BaseException:  # it failed, or the caller gave up (cancelled): no orphan
-            self._stopping = True
-            self._transport.close()  # end-of-file: a writer that is up exits at once
-            await self._reap()
-            raise
-        self._serving = self._accepting = True
 
-    async def stop(self) -> None:
-        if self._transport is None:
-            return
-        if not self._stopping:
-            self._accepting = False
-            self._stopping = True
-            self._flush()
-            if self._transport.can_write_eof() and not self._transport.is_closing():
-                self._transport.write_eof()  # the writer runs what it has, then exits
-        await self._reap()
+    def _abandon(self) -> None:
+        assert self._transport is not None
+        self._transport.close()  # end-of-file: a writer that is up exits at once
 
-    async def _reap(self) -> None:
+    def _launched(self) -> bool:
+        return self._transport is not None
+
+    def _ask_to_stop(self) -> None:
+        assert self._transport is not None
+        self._flush()
+        if self._transport.can_write_eof() and not self._transport.is_closing():
+            self._transport.write_eof()  # the writer runs what it has, then exits
+
+    async def _wait_ended(self) -> None:
         assert self._gone is not None
         assert self._process is not None
         await asyncio.shield(self._gone)

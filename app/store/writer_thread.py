@@ -70,36 +70,23 @@ class ThreadWriter(GroupCommitWriter):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None  # what ended the thread, if anything did
 
-    async def start(self) -> None:
-        loop = self._begin()
-        assert self._ready is not None
+    async def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
         thread = threading.Thread(target=self._main, args=(loop,), name="store-writer", daemon=True)
         try:
             thread.start()
         except RuntimeError as exc:  # "can't start new thread": out of threads or memory
             raise _store_error(f"{self.path}: cannot start the store writer: {exc}", exc) from exc
         self._thread = thread
-        try:
-            await self._ready
-        except BaseException:  # it failed, or the caller gave up (cancelled)
-            self._stopping = True
-            self._queue.put(_STOP)
-            await self._ended()
-            raise
-        self._serving = self._accepting = True
 
-    async def stop(self) -> None:
-        if self._thread is None:
-            return
-        if not self._stopping:
-            self._accepting = False
-            self._stopping = True
-            self._queue.put(_STOP)  # submit() runs on this loop too: nothing can follow it
-        await self._ended()
+    def _launched(self) -> bool:
+        return self._thread is not None
 
-    async def _ended(self) -> None:
-        """Wait for the thread's last word, then for the thread itself, which has only
-        to return by then (so no writer thread outlives stop(), even for an instant)."""
+    def _ask_to_stop(self) -> None:
+        self._queue.put(_STOP)  # submit() runs on this loop too: nothing can follow it
+
+    async def _wait_ended(self) -> None:
+        """The thread's last word, then the thread itself, which has only to return by
+        then (so no writer thread outlives stop(), even for an instant)."""
         assert self._gone is not None
         await asyncio.shield(self._gone)
         if self._thread is not None:
